@@ -1,0 +1,206 @@
+"""Rev-ViT: a plain ViT whose blocks are reversible two-stream blocks (Mangalam et al., CVPR 2022).
+
+    image (B, C, H, W) -> patches + pos_embed (B, N, D) -> X1 = X2 = tokens
+    -> reversible blocks, F = LN -> attention, G = LN -> MLP -> [Y1, Y2] (B, N, 2D)
+    -> LayerNorm(2D) -> mean over tokens -> Linear(2D, classes)
+
+No class token; logits out (the official head applies softmax in eval mode, this one never does).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from torch import Tensor, nn
+
+from ..layers import Attention, Mlp, PatchEmbed
+from ..reversible import ReversibleBlock, ReversibleStack
+
+__all__ = ["RevViTConfig", "RevViT"]
+
+
+@dataclass
+class RevViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # linearly increasing over depth, one per-sample mask per block
+    global_pool: str = "avg"
+
+
+class AttentionBranch(nn.Module):
+    """F: LayerNorm -> multi-head self-attention, (B, N, D) -> (B, N, D). No residual: the stream adds it."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(self.norm(x))
+
+
+class MlpBranch(nn.Module):
+    """G: LayerNorm -> Linear(D, rD) -> GELU -> Linear(rD, D), (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm(x))
+
+
+def init_weights_official(module: nn.Module) -> None:
+    """The official Rev-ViT/Rev-MViT init: trunc_normal(0.02) weights, biases 0.02, LayerNorm weight 1."""
+    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.constant_(module.bias, 0.02)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.constant_(module.weight, 1.0)
+        nn.init.constant_(module.bias, 0.02)
+
+
+class RevViT(nn.Module):
+    """Reversible Vision Transformer. Input (B, in_chans, img_size, img_size); output (B, num_classes)."""
+
+    def __init__(self, cfg: Optional[RevViTConfig] = None, **kwargs):
+        super().__init__()
+        cfg = cfg or RevViTConfig(**_known(RevViTConfig, kwargs))
+        self.cfg = cfg
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.embed_dim = cfg.embed_dim
+        self.num_features = self.head_hidden_size = 2 * cfg.embed_dim
+
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, cfg.embed_dim))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path_rate]
+        self.stack = ReversibleStack([
+            ReversibleBlock(AttentionBranch(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias),
+                            MlpBranch(cfg.embed_dim, cfg.mlp_ratio), drop_path=rate)
+            for rate in rates
+        ])
+        self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=self.num_features, reduction=cfg.patch_size, module="norm")]
+
+        self.apply(init_weights_official)
+        trunc_normal_(self.pos_embed, std=0.02)
+
+    # -- timm's interface -------------------------------------------------------------------------
+    def set_backprop(self, mode: str) -> "RevViT":
+        """"reversible" (recompute activations in backward) or "autograd" (keep them: the reference)."""
+        self.stack.set_backprop(mode)
+        return self
+
+    @property
+    def backprop(self) -> str:
+        return self.stack.backprop
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed"}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ("avg", ""):
+                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
+        x = self.patch_embed(x) + self.pos_embed
+        y1, y2 = self.stack(x, x)
+        return self.norm(torch.cat([y1, y2], dim=-1))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """(B, N, 2D) -> logits (B, classes), or the pooled (B, 2D) features with `pre_logits`."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def extra_repr(self) -> str:
+        return f"backprop={self.backprop!r}"
+
+
+def _known(config_cls, kwargs: dict) -> dict:
+    """Keep the kwargs the config knows; refuse others by name so typos do not pass silently."""
+    names = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"{config_cls.__name__} got unknown option(s) {unknown}; known: {sorted(names)}")
+    return kwargs
+
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
+        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "rev_vit_tiny_patch16_224": _cfg(),
+    "rev_vit_small_patch16_224": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 79.9 (paper)",)),
+    "rev_vit_base_patch16_224": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 81.8 (paper)",)),
+    "rev_vit_large_patch16_224": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 81.4 (paper)",)),
+})
+
+
+def _create(variant: str, pretrained: bool, **kwargs) -> RevViT:
+    return build_model_with_cfg(RevViT, variant, pretrained, **kwargs)
+
+
+@register_model
+def rev_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> RevViT:
+    """Rev-ViT-Ti: D 192, 12 blocks, 3 heads."""
+    args = dict(embed_dim=192, depth=12, num_heads=3)
+    return _create("rev_vit_tiny_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def rev_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> RevViT:
+    """Rev-ViT-S: D 384, 12 blocks, 6 heads, drop path 0.1 (22.4M params)."""
+    args = dict(embed_dim=384, depth=12, num_heads=6, drop_path_rate=0.1)
+    return _create("rev_vit_small_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def rev_vit_base_patch16_224(pretrained: bool = False, **kwargs) -> RevViT:
+    """Rev-ViT-B: D 768, 12 blocks, 12 heads, drop path 0.2 (87.3M params)."""
+    args = dict(embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.2)
+    return _create("rev_vit_base_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def rev_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> RevViT:
+    """Rev-ViT-L: D 1024, 24 blocks, 16 heads (305M params)."""
+    args = dict(embed_dim=1024, depth=24, num_heads=16)
+    return _create("rev_vit_large_patch16_224", pretrained, **{**args, **kwargs})
