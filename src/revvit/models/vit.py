@@ -87,7 +87,7 @@ class RevViT(nn.Module):
 
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, cfg.embed_dim))
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path_rate]
+        rates = drop_path_schedule(cfg.drop_path_rate, cfg.depth)
         self.stack = ReversibleStack([
             ReversibleBlock(AttentionBranch(cfg.embed_dim, cfg.num_heads, cfg.qkv_bias),
                             MlpBranch(cfg.embed_dim, cfg.mlp_ratio), drop_path=rate)
@@ -145,6 +145,11 @@ class RevViT(nn.Module):
 
     def extra_repr(self) -> str:
         return f"backprop={self.backprop!r}"
+
+
+def drop_path_schedule(rate: float, depth: int) -> list[float]:
+    """Drop-path rates rising linearly from 0 at the first block to `rate` at the last."""
+    return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [rate] * depth
 
 
 def _known(config_cls, kwargs: dict) -> dict:

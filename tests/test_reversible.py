@@ -1,0 +1,203 @@
+"""The reversible engine: gradients equal plain autograd, randomness replays, memory stays flat in depth."""
+import pytest
+import torch
+from torch import nn
+
+from revvit.bench import StorageMeter, measure_training_memory
+from revvit.reversible import ReversibleBlock, ReversibleStack
+
+
+class Branch(nn.Module):
+    """A residual function with its own randomness (dropout), like F and G of a real model."""
+
+    def __init__(self, dim: int, dropout: float = 0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(torch.tanh(self.fc(self.norm(x))))
+
+
+def make_stack(depth: int, dim: int = 8, drop_path: float = 0.3, dtype=torch.float64) -> ReversibleStack:
+    torch.manual_seed(0)
+    stack = ReversibleStack([ReversibleBlock(Branch(dim), Branch(dim), drop_path) for _ in range(depth)])
+    return stack.to(dtype)
+
+
+def run(stack: ReversibleStack, x: torch.Tensor, mode: str, seed: int = 1, autocast=None):
+    """Loss gradient w.r.t. the input and every parameter, with the global generator seeded.
+
+    With `autocast` (a dtype) the forward runs under CPU autocast and the backward outside it, as in
+    ordinary mixed-precision training.
+    """
+    stack.set_backprop(mode)
+    stack.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y1, y2 = stack(x, x)
+        loss = (y1 * torch.linspace(-1, 1, y1.shape[-1], dtype=y1.dtype)).sum() + y2.square().sum()
+    loss.backward()
+    return [x.grad] + [p.grad for p in stack.parameters()]
+
+
+def rel_error(got: list, want: list) -> float:
+    """||got - want|| / ||want|| over all gradients at once (some true gradients are exactly zero)."""
+    diff = torch.cat([(g - w).flatten() for g, w in zip(got, want)])
+    ref = torch.cat([w.flatten() for w in want])
+    return (diff.norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 7])
+def test_fp64_gradients_equal_autograd_with_drop_path_and_dropout(depth):
+    stack = make_stack(depth)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    assert rel_error(run(stack, x, "reversible"), run(stack, x, "autograd")) < 1e-10
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 7])
+def test_fp32_gradients_equal_autograd(depth):
+    stack = make_stack(depth, dtype=torch.float32)
+    x = torch.randn(4, 5, 8)
+    assert rel_error(run(stack, x, "reversible"), run(stack, x, "autograd")) < 1e-5
+
+
+def test_drop_path_actually_drops_samples_in_training():
+    stack = make_stack(1, drop_path=0.5)
+    stack.blocks[0].f.drop.p = stack.blocks[0].g.drop.p = 0.0
+    x = torch.randn(64, 3, 8, dtype=torch.float64)
+    torch.manual_seed(0)
+    y1, _ = stack(x, x)
+    unchanged = (y1 == x).flatten(1).all(dim=1)
+    assert 10 < unchanged.sum() < 54  # about half of the samples skip F
+
+
+def test_backward_leaves_global_generator_untouched():
+    stack = make_stack(3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    run(stack, x, "reversible", seed=7)
+    after_reversible = torch.rand(3)
+    run(stack, x, "autograd", seed=7)
+    after_autograd = torch.rand(3)
+    assert torch.equal(after_reversible, after_autograd)
+
+
+def test_run_is_reproducible_from_manual_seed():
+    stack = make_stack(3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    first, second = run(stack, x, "reversible", seed=3), run(stack, x, "reversible", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def two_forwards_one_backward(stack, a, b, mode):
+    stack.set_backprop(mode)
+    stack.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    ya1, ya2 = stack(a, a)
+    yb1, yb2 = stack(b, b)  # draws different masks and dropout than the first forward
+    (ya1.sum() + ya2.square().sum() + 2 * yb1.sum() + yb2.square().sum()).backward()
+    return [p.grad for p in stack.parameters()]
+
+
+def test_two_forwards_then_one_backward_give_exact_gradients():
+    stack = make_stack(4)
+    a, b = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
+    got = two_forwards_one_backward(stack, a, b, "reversible")
+    want = two_forwards_one_backward(stack, a, b, "autograd")
+    assert rel_error(got, want) < 1e-10
+
+
+def test_autograd_grad_reaches_block_parameters():
+    stack = make_stack(3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    params = list(stack.parameters())
+    torch.manual_seed(1)
+    y1, y2 = stack(x, x)
+    got = torch.autograd.grad((y1 + y2).square().sum(), params)
+    stack.set_backprop("autograd")
+    torch.manual_seed(1)
+    y1, y2 = stack(x, x)
+    want = torch.autograd.grad((y1 + y2).square().sum(), params)
+    assert rel_error(list(got), list(want)) < 1e-10
+
+
+def test_frozen_stem_still_trains_the_blocks():
+    stack = make_stack(3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)  # requires_grad is False: nothing before the stack trains
+    torch.manual_seed(1)
+    y1, y2 = stack(x, x)
+    (y1.sum() + y2.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stack.parameters())
+
+
+def test_bf16_autocast_gradients_match_autograd_under_the_same_autocast():
+    stack = make_stack(3, dim=32, dtype=torch.float32)
+    x = torch.randn(4, 6, 32)
+    got = run(stack, x, "reversible", autocast=torch.bfloat16)
+    want = run(stack, x, "autograd", autocast=torch.bfloat16)
+    assert rel_error(got, want) < 1e-3  # the recomputation repeats the forward's bf16 rounding
+    fp32 = run(stack, x, "autograd")
+    assert rel_error(want, fp32) > 1e-3  # so the comparison is really made in bf16
+
+
+def test_no_grad_forward_is_plain_and_keeps_nothing():
+    stack = make_stack(4)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    peaks = {}
+    for mode in ("reversible", "autograd"):
+        stack.set_backprop(mode)
+        with torch.no_grad(), StorageMeter() as meter:
+            y1, _ = stack(x, x)
+        assert y1.grad_fn is None
+        peaks[mode] = meter.peak_bytes
+    assert peaks["reversible"] == peaks["autograd"]
+
+
+def test_eval_mode_outputs_match_between_modes():
+    stack = make_stack(3).eval()
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    outs = {}
+    for mode in ("reversible", "autograd"):
+        stack.set_backprop(mode)
+        outs[mode] = torch.cat(stack(x, x))
+    assert torch.equal(outs["reversible"], outs["autograd"])
+
+
+class Stacked(nn.Module):
+    def __init__(self, depth: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stack = ReversibleStack([ReversibleBlock(Branch(64, 0.0), Branch(64, 0.0), 0.1) for _ in range(depth)])
+
+    def forward(self, x):
+        y1, y2 = self.stack(x, x)
+        return y1 + y2
+
+
+def test_activation_memory_does_not_grow_with_depth():
+    x = torch.randn(8, 32, 64)
+    peak = {}
+    for depth in (2, 8):
+        for mode in ("reversible", "autograd"):
+            model = Stacked(depth)
+            model.stack.set_backprop(mode)
+            peak[depth, mode] = measure_training_memory(model, x).peak_bytes
+    assert peak[8, "reversible"] <= peak[2, "reversible"] * 1.05
+    assert peak[8, "autograd"] > peak[2, "autograd"] * 2.5
+
+
+def test_unknown_backprop_mode_is_rejected():
+    with pytest.raises(ValueError, match="reversible"):
+        make_stack(1).set_backprop("checkpoint")
+
+
+def test_second_backward_through_the_same_graph_says_what_to_do():
+    stack = make_stack(2)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    y1, y2 = stack(x, x)
+    loss = (y1 + y2).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="set_backprop\\('autograd'\\)"):
+        loss.backward()
