@@ -1,0 +1,123 @@
+"""`revvit bench`: memory and step time of reversible vs autograd vs activation checkpointing, in one run.
+
+Every figure is a ratio taken within one process on one machine: peak activation memory per sample
+(:func:`measure_training_memory`) and the median wall time of a forward+backward step, the candidates
+timed round-robin so that machine drift hits them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from .memory import measure_training_memory
+
+__all__ = ["Candidate", "Result", "compare", "vit_candidates", "format_table", "add_arguments", "main"]
+
+
+@dataclass
+class Candidate:
+    label: str
+    build: Callable[[], nn.Module]  # built lazily, one at a time, to keep peak RAM low
+
+
+@dataclass
+class Result:
+    label: str
+    depth: int
+    mb_per_sample: float
+    step_seconds: float
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> None:
+    model(x).float().square().mean().backward()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compare(candidates: list[Candidate], x: torch.Tensor, depth: int, steps: int = 3) -> list[Result]:
+    """Memory of each candidate, then `steps` timed steps of each, interleaved; median step time."""
+    models, mem = {}, {}
+    for c in candidates:
+        model = c.build().to(x.device)
+        mem[c.label] = measure_training_memory(model, x).mb_per_sample
+        models[c.label] = model
+    times: dict[str, list[float]] = {c.label: [] for c in candidates}
+    for _ in range(steps):
+        for c in candidates:
+            _sync(x.device)
+            start = time.perf_counter()
+            _step(models[c.label], x)
+            _sync(x.device)
+            times[c.label].append(time.perf_counter() - start)
+    return [Result(c.label, depth, mem[c.label], statistics.median(times[c.label])) for c in candidates]
+
+
+def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
+    """Rev-ViT (reversible), the same model with autograd, timm's ViT, and timm's ViT with checkpointing."""
+    rev_name, vit_name = f"rev_vit_{size}_patch16_224", f"vit_{size}_patch16_224"
+    kwargs = dict(depth=depth, img_size=img_size, drop_path_rate=0.0)
+
+    def rev(mode: str) -> nn.Module:
+        return timm.create_model(rev_name, **kwargs).set_backprop(mode)
+
+    def vit(checkpointing: bool) -> nn.Module:
+        model = timm.create_model(vit_name, **kwargs)
+        model.set_grad_checkpointing(checkpointing)
+        return model
+
+    return [
+        Candidate(f"{rev_name} reversible", lambda: rev("reversible")),
+        Candidate(f"{rev_name} autograd", lambda: rev("autograd")),
+        Candidate(f"timm {vit_name}", lambda: vit(False)),
+        Candidate(f"timm {vit_name} + checkpointing", lambda: vit(True)),
+    ]
+
+
+def format_table(results: list[Result]) -> str:
+    """Markdown table; ratios relative to the reversible row of the same depth."""
+    lines = ["| model | depth | MB per sample | memory vs reversible | step s | step time vs reversible |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ref = next(x for x in results if x.depth == r.depth)
+        lines.append(f"| {r.label} | {r.depth} | {r.mb_per_sample:.2f} | {r.mb_per_sample / ref.mb_per_sample:.2f}x "
+                     f"| {r.step_seconds:.3f} | {r.step_seconds / ref.step_seconds:.2f}x |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
+                        help="ViT size (default: small, the paper's Rev-ViT-S)")
+    parser.add_argument("--depths", default="12,24", help="comma-separated depths (default: 12,24)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per candidate (median)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def main(args: argparse.Namespace) -> list[Result]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    results = []
+    for depth in (int(d) for d in args.depths.split(",")):
+        print(f"measuring depth {depth} ...", flush=True)
+        results += compare(vit_candidates(args.size, depth, args.img_size), x, depth, args.steps)
+    print(f"\nbatch {args.batch_size}, {args.img_size}px, {device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; memory = peak activation bytes above parameters+grads")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+    return results
