@@ -1,0 +1,72 @@
+"""Unreadable files, handled twice: an up-front check drops what fails to open (and names it), and
+`__getitem__` catches what only fails at decode time, substituting the next sample so training goes on.
+
+Why both: a header check of every file is cheap enough to run before training and gives one final list
+(`DataBundle.skipped`), but it cannot see a JPEG/mp4 truncated mid-stream; those surface only when
+decoded, inside DataLoader workers, where raising would kill the epoch.
+"""
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["SkippingDataset", "find_unreadable", "warn_skipped"]
+
+Sample = tuple[str, int]
+
+
+def find_unreadable(paths: Sequence[str], check: Callable[[str], None], workers: int = 8) -> list[str]:
+    """The paths for which `check(path)` raises, in input order. Threads: the checks are I/O-bound."""
+    def bad(path: str) -> bool:
+        try:
+            check(path)
+            return False
+        except Exception:
+            return True
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        flags = list(pool.map(bad, paths))
+    return [p for p, f in zip(paths, flags) if f]
+
+
+def warn_skipped(bad: Sequence[str], where: str, show: int = 10) -> None:
+    """One warning naming the skipped files (the first `show` of them) and how many there are."""
+    if bad:
+        names = ", ".join(bad[:show]) + (f", ... ({len(bad) - show} more)" if len(bad) > show else "")
+        # stacklevel 4: warn_skipped <- _image_folders/_video_lists <- build_datasets <- its caller
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {where}: {names}", stacklevel=4)
+
+
+class SkippingDataset(Dataset):
+    """(path, label) samples; `load(path)` -> tensor. A sample that fails to load is recorded in
+    `self.failed` (per process: with DataLoader workers each worker keeps its own list, and the
+    warning is the cross-process record) and replaced by the next one, up to `max_tries` in a row."""
+
+    max_tries = 10
+
+    def __init__(self, samples: Sequence[Sample]):
+        self.samples = list(samples)
+        self.failed: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, path: str) -> Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        for k in range(min(self.max_tries, len(self.samples))):
+            i = (index + k) % len(self.samples)
+            path, label = self.samples[i]
+            try:
+                return self.load(path), label
+            except Exception as e:  # any decoder error: record and substitute, never crash the epoch
+                if path not in self.failed:
+                    self.failed.append(path)
+                    warnings.warn(f"skipping unreadable file {path}: {type(e).__name__}: {e}")
+        raise RuntimeError(f"{self.max_tries} consecutive samples from index {index} failed to load; "
+                           f"first failures: {self.failed[:3]}. Check the dataset files.")
