@@ -5,6 +5,7 @@
 from . import models
 from .models import RevViT, RevViTConfig
 from .reversible import ReversibleBlock, ReversibleStack
+from .interop import load, load_slowfast, save  # noqa: E402  (official checkpoints, safetensors)
 
 __version__ = "0.1.0"
 __all__ = ["RevViT", "RevViTConfig", "ReversibleBlock", "ReversibleStack"]

@@ -2,5 +2,8 @@
 from .attention import Attention
 from .mlp import Mlp
 from .patch_embed import PatchEmbed, check_image_input
+from .patch_embed3d import PatchEmbed3d, check_video_input
+from .pooling_attention import PoolingAttention, pooled_grid
 
-__all__ = ["Attention", "Mlp", "PatchEmbed", "check_image_input"]
+__all__ = ["Attention", "Mlp", "PatchEmbed", "PatchEmbed3d", "PoolingAttention", "check_image_input",
+           "check_video_input", "pooled_grid"]

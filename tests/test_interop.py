@@ -1,0 +1,350 @@
+"""Official SlowFast checkpoints and safetensors: exact loading, the official math, safe and atomic files."""
+import argparse
+import builtins
+import os
+import sys
+import types
+
+import pytest
+import timm
+import torch
+
+import revvit
+from revvit.interop import CheckpointError, add_convert_subcommand, convert, read_metadata
+from revvit.interop.slowfast_config import merge_defaults, parse_cfg
+from revvit.models.mvit import RevMViT
+from revvit.models.vit import RevViT
+
+sys.path.insert(0, os.path.dirname(__file__))
+from official_format import official_checkpoint, official_forward, write_pyth  # noqa: E402
+
+
+def _jitter(model, seed=0):
+    """Move every weight off its init (LayerNorm weights off 1, biases off 0.02) so maps are tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def rev_vit(**kw):
+    torch.manual_seed(0)
+    return _jitter(RevViT(**{**dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2, num_classes=5),
+                             **kw}))
+
+
+_MVIT = dict(img_size=32, num_classes=5, embed_dim=16, depth=5, num_heads=1, dim_mul=((1, 2.0), (3, 2.0)),
+             head_mul=((1, 2.0), (3, 2.0)), pool_q_stride=((1, 1, 2, 2), (3, 1, 2, 2)),
+             pool_kv_stride_adaptive=(1, 4, 4), transition_layers=(1, 3))
+
+
+def rev_mvit_image():
+    """ImageNet layout: Conv2d 7/4/3 stem, separate qkv with bias, concat_linear_2 fusion."""
+    torch.manual_seed(0)
+    return _jitter(RevMViT(**_MVIT, pool_kvq_kernel=(1, 3, 3), pre_q_fusion="concat_linear_2"))
+
+
+def rev_mvit_video():
+    """Kinetics layout: Conv3d stem, separate space/time position embeddings, fused qkv without bias, avg."""
+    torch.manual_seed(0)
+    return _jitter(RevMViT(**_MVIT, num_frames=4, pool_kvq_kernel=(3, 3, 3), pre_q_fusion="avg", patch_2d=False,
+                           patch_kernel=(3, 7, 7), patch_stride=(2, 4, 4), patch_padding=(1, 3, 3),
+                           sep_pos_embed=True, separate_qkv=False, qkv_bias=False))
+
+
+IMAGE, VIDEO = (2, 3, 32, 32), (2, 3, 4, 32, 32)
+# name -> (model factory, official_checkpoint options, input shape)
+CASES = {
+    "rev_vit": (rev_vit, {}, IMAGE),
+    "rev_mvit_image_concat_linear": (rev_mvit_image, {}, IMAGE),
+    # as the official K400 yaml: tuples in the config, CLS_EMBED_ON True (the reversible code ignores it)
+    "rev_mvit_video_avg_fused_qkv": (rev_mvit_video, {"cfg_as": "yaml_tuples", "MVIT.CLS_EMBED_ON": True}, VIDEO),
+}
+
+
+def _write(tmp_path, name, **override):
+    make, options, shape = CASES[name]
+    source = make()
+    ckpt = official_checkpoint(source, **{**options, **override})
+    return source, ckpt, write_pyth(tmp_path / f"{name}.pyth", ckpt=ckpt), shape
+
+
+def _same_outputs(a, b, shape, seed=1):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return torch.equal(a(x), b(x))
+
+
+# -- loading official checkpoints exactly ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_official_checkpoint_loads_with_bit_identical_outputs(tmp_path, name):
+    source, _, path, shape = _write(tmp_path, name)
+    model = revvit.load_slowfast(path)
+    assert type(model) is type(source)
+    assert _same_outputs(source, model, shape)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loaded_model_matches_the_official_forward_logits_and_input_gradients(tmp_path, name):
+    _, ckpt, path, shape = _write(tmp_path, name)
+    model = revvit.load_slowfast(path)
+    cfg = merge_defaults(parse_cfg(ckpt["cfg"]))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(shape[0], 5, generator=torch.Generator().manual_seed(3))
+    outs, grads = [], []
+    for forward in (model, lambda v: official_forward(ckpt["model_state"], cfg, v)):
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        (out * w).sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 1e-5
+
+
+def test_loaded_model_is_in_eval_mode_and_returns_logits_not_probabilities(tmp_path):
+    _, _, path, shape = _write(tmp_path, "rev_vit")
+    model = revvit.load_slowfast(path)
+    assert not model.training
+    with torch.no_grad():
+        out = model(torch.randn(shape))
+    assert not torch.allclose(out.sum(-1), torch.ones(shape[0]))
+
+
+def test_fused_qkv_rev_vit_checkpoint_is_split_into_q_k_v(tmp_path):
+    source, ckpt, path, shape = _write(tmp_path, "rev_vit", fused_qkv=True)
+    assert "rev_backbone.layers.0.F.attn.qkv.weight" in ckpt["model_state"]
+    assert _same_outputs(source, revvit.load_slowfast(path), shape)
+
+
+def test_module_prefix_from_distributed_training_is_stripped(tmp_path):
+    source, _, path, shape = _write(tmp_path, "rev_mvit_image_concat_linear", prefix="module.")
+    assert _same_outputs(source, revvit.load_slowfast(path), shape)
+
+
+def test_config_given_as_a_plain_dict_is_accepted(tmp_path):
+    source, _, path, shape = _write(tmp_path, "rev_vit", cfg_as="dict")
+    assert _same_outputs(source, revvit.load_slowfast(path), shape)
+
+
+def test_missing_config_keys_take_the_official_defaults(tmp_path):
+    # no SEPARATE_QKV (default False: fused) and no PRE_Q_FUSION (default avg), as the official K400 yaml
+    source, ckpt, _, shape = _write(tmp_path, "rev_mvit_video_avg_fused_qkv", cfg_as="dict")
+    del ckpt["cfg"]["MVIT"]["SEPARATE_QKV"], ckpt["cfg"]["MVIT"]["REV"]["PRE_Q_FUSION"]
+    model = revvit.load_slowfast(write_pyth(tmp_path / "defaults.pyth", ckpt=ckpt))
+    assert model.cfg.separate_qkv is False and model.cfg.pre_q_fusion == "avg"
+    assert _same_outputs(source, model, shape)
+
+
+def test_pickled_yacs_cfgnode_is_read_as_plain_data_without_importing_yacs(tmp_path, monkeypatch):
+    node_module = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    node_module.CfgNode = CfgNode
+    source, ckpt, _, shape = _write(tmp_path, "rev_vit", cfg_as="dict")
+
+    def to_node(d):
+        node = CfgNode({k: to_node(v) if isinstance(v, dict) else v for k, v in d.items()})
+        node.__dict__["__immutable__"] = True
+        return node
+
+    ckpt["cfg"] = to_node(ckpt["cfg"])
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", node_module)
+    path = write_pyth(tmp_path / "cfgnode.pyth", ckpt=ckpt)
+    monkeypatch.delitem(sys.modules, "yacs.config")
+    monkeypatch.delitem(sys.modules, "yacs")
+    assert _same_outputs(source, revvit.load_slowfast(path), shape)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def test_checkpoint_with_arbitrary_python_objects_is_refused_and_runs_no_code(tmp_path):
+    marker = tmp_path / "was_run"
+    _, ckpt, _, _ = _write(tmp_path, "rev_vit")
+    ckpt["extra"] = _RunsCode(str(marker))
+    path = write_pyth(tmp_path / "evil.pyth", ckpt=ckpt)
+    with pytest.raises(CheckpointError, match="Python objects other than tensors") as e:
+        revvit.load_slowfast(path)
+    assert "evil.pyth" in str(e.value) and not marker.exists()
+
+
+# -- refusing what cannot be mapped ---------------------------------------------------------------
+
+def test_missing_key_is_refused_naming_the_key(tmp_path):
+    _, ckpt, _, _ = _write(tmp_path, "rev_vit")
+    del ckpt["model_state"]["rev_backbone.layers.2.G.mlp.fc2.bias"]
+    path = write_pyth(tmp_path / "missing.pyth", ckpt=ckpt)
+    with pytest.raises(CheckpointError, match=r"missing.*stack\.blocks\.2\.g\.mlp\.fc2\.bias"):
+        revvit.load_slowfast(path)
+
+
+def test_unexpected_key_is_refused_naming_the_key(tmp_path):
+    _, ckpt, _, _ = _write(tmp_path, "rev_mvit_image_concat_linear")
+    ckpt["model_state"]["cls_token"] = torch.zeros(1, 1, 16)
+    path = write_pyth(tmp_path / "extra.pyth", ckpt=ckpt)
+    with pytest.raises(CheckpointError, match=r"no place in the model: cls_token"):
+        revvit.load_slowfast(path)
+
+
+def test_wrong_shape_is_refused_naming_both_shapes(tmp_path):
+    _, ckpt, _, _ = _write(tmp_path, "rev_vit")
+    ckpt["model_state"]["pos_embed"] = torch.zeros(1, 17, 32)
+    path = write_pyth(tmp_path / "shape.pyth", ckpt=ckpt)
+    with pytest.raises(CheckpointError, match=r"pos_embed \(1, 17, 32\) vs model \(1, 16, 32\)"):
+        revvit.load_slowfast(path)
+
+
+def test_truncated_file_gives_a_clear_error(tmp_path):
+    _, _, path, _ = _write(tmp_path, "rev_vit")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="(?s)not a readable PyTorch checkpoint.*truncated, corrupt") as e:
+        revvit.load_slowfast(path)
+    assert str(path) in str(e.value)
+
+
+def test_random_bytes_file_gives_a_clear_error(tmp_path):
+    path = tmp_path / "noise.pyth"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        revvit.load_slowfast(path)
+
+
+def test_missing_file_gives_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        revvit.load_slowfast(tmp_path / "absent.pyth")
+
+
+def test_a_torch_file_that_is_not_a_slowfast_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "state_dict.pth"
+    torch.save(rev_vit().state_dict(), path)
+    with pytest.raises(CheckpointError, match="not a SlowFast checkpoint: no 'model_state' or 'cfg'"):
+        revvit.load_slowfast(path)
+
+
+@pytest.mark.parametrize("key, value", [("MVIT.REL_POS_SPATIAL", True), ("MVIT.USE_MEAN_POOLING", True),
+                                        ("MVIT.REV.ENABLE", False), ("MVIT.REV.RESPATH_FUSE", "avg")])
+def test_config_revvit_cannot_reproduce_exactly_is_refused_naming_the_key(tmp_path, key, value):
+    _, _, path, _ = _write(tmp_path, "rev_vit", **{key: value})
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + "="):
+        revvit.load_slowfast(path)
+
+
+def test_overrides_apply_on_top_of_the_config(tmp_path):
+    _, _, path, _ = _write(tmp_path, "rev_vit")
+    assert revvit.load_slowfast(path, drop_path_rate=0.0).cfg.drop_path_rate == 0.0
+
+
+def test_override_that_changes_the_head_is_refused_with_the_way_to_do_it(tmp_path):
+    _, _, path, _ = _write(tmp_path, "rev_vit")
+    with pytest.raises(CheckpointError, match="reset_classifier"):
+        revvit.load_slowfast(path, num_classes=7)
+
+
+# -- safetensors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_safetensors_round_trip_is_exact(tmp_path, name):
+    make, _, shape = CASES[name]
+    source = make()
+    revvit.save(source, tmp_path / "m.safetensors")
+    model = revvit.load(tmp_path / "m.safetensors")
+    assert type(model) is type(source) and _same_outputs(source, model, shape)
+
+
+def test_saved_file_holds_the_state_dict_keys_and_the_metadata_to_rebuild(tmp_path):
+    from safetensors.torch import load_file
+
+    source = rev_mvit_video()
+    revvit.save(source, tmp_path / "m.safetensors")
+    assert set(load_file(tmp_path / "m.safetensors")) == set(source.state_dict())
+    meta = read_metadata(tmp_path / "m.safetensors")
+    assert meta["format"] == "revvit" and meta["revvit_version"] == revvit.__version__
+    assert meta["model"] == "rev_mvit_base_16x4" and meta["model_kwargs"]["num_frames"] == 4
+
+
+def test_convert_round_trip_is_exact_and_records_the_source(tmp_path):
+    source, _, path, shape = _write(tmp_path, "rev_mvit_video_avg_fused_qkv")
+    convert(path, tmp_path / "out.safetensors")
+    meta = read_metadata(tmp_path / "out.safetensors")
+    assert meta["source"] == path.name and meta["slowfast_cfg"]["MVIT"]["REV"]["ENABLE"] is True
+    assert _same_outputs(source, revvit.load(tmp_path / "out.safetensors"), shape)
+
+
+@pytest.mark.parametrize("name", ["rev_vit", "rev_mvit_image_concat_linear"])
+def test_timm_create_model_loads_a_converted_file(tmp_path, name):
+    source, _, path, shape = _write(tmp_path, name)
+    dst = str(tmp_path / "out.safetensors")
+    convert(path, dst)
+    meta = read_metadata(dst)
+    kw = meta["model_kwargs"]
+    model = timm.create_model(meta["model"], pretrained=True,
+                              pretrained_cfg_overlay=dict(file=dst, num_classes=kw["num_classes"]), **kw).eval()
+    assert _same_outputs(source, model, shape)
+
+
+def test_failed_convert_leaves_an_existing_destination_untouched(tmp_path):
+    dst = tmp_path / "good.safetensors"
+    revvit.save(rev_vit(), dst)
+    before = dst.read_bytes()
+    bad = tmp_path / "bad.pyth"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(CheckpointError):
+        convert(bad, dst, overwrite=True)
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pyth", "good.safetensors"]  # no temp files
+
+
+def test_convert_does_not_replace_an_existing_destination_unless_asked(tmp_path):
+    _, _, path, _ = _write(tmp_path, "rev_vit")
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"keep")
+    with pytest.raises(CheckpointError, match="(?s)exists.*--force"):
+        convert(path, dst)
+    assert dst.read_bytes() == b"keep"
+    convert(path, dst, overwrite=True)
+    assert read_metadata(dst)["model"].startswith("rev_vit")
+
+
+def test_truncated_safetensors_gives_a_clear_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    revvit.save(rev_vit(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match="(?s)m.safetensors.*truncated or corrupt"):
+        revvit.load(path)
+
+
+def test_revvit_load_reads_official_pyth_files_too(tmp_path):
+    source, _, path, shape = _write(tmp_path, "rev_vit")
+    assert _same_outputs(source, revvit.load(path), shape)
+
+
+def test_convert_subcommand_parses_and_runs(tmp_path, capsys):
+    _, _, path, _ = _write(tmp_path, "rev_vit")
+    parser = argparse.ArgumentParser(prog="revvit")
+    add_convert_subcommand(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert", str(path), str(tmp_path / "o.safetensors")])
+    assert args.func(args) == 0 and (tmp_path / "o.safetensors").is_file()
+    assert args.func(args) == 1 and "exists" in capsys.readouterr().err
+
+
+def test_official_yaml_text_with_python_tuples_and_literal_strings_parses(tmp_path):
+    text = "MVIT:\n  PATCH_KERNEL: (3, 7, 7)\n  PATCH_STRIDE: !!python/tuple [2, 4, 4]\n  DROPPATH_RATE: 5e-2\n"
+    cfg = parse_cfg(text)
+    assert cfg["MVIT"]["PATCH_KERNEL"] == (3, 7, 7) and cfg["MVIT"]["PATCH_STRIDE"] == [2, 4, 4]
+    assert cfg["MVIT"]["DROPPATH_RATE"] == 0.05
+    with pytest.raises(ValueError, match="not valid YAML"):
+        parse_cfg("!!python/object/apply:os.system ['true']")
