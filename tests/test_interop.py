@@ -17,6 +17,8 @@ from revvit.models.vit import RevViT
 
 sys.path.insert(0, os.path.dirname(__file__))
 from official_format import official_checkpoint, official_forward, write_pyth  # noqa: E402
+from official_modules import OfficialRevMViT  # noqa: E402
+from official_modules import merged as official_merged  # noqa: E402
 
 
 def _jitter(model, seed=0):
@@ -348,3 +350,152 @@ def test_official_yaml_text_with_python_tuples_and_literal_strings_parses(tmp_pa
     assert cfg["MVIT"]["DROPPATH_RATE"] == 0.05
     with pytest.raises(ValueError, match="not valid YAML"):
         parse_cfg("!!python/object/apply:os.system ['true']")
+
+
+# -- an independent, module-based restatement of the official model (tests/official_modules.py) ---
+
+_YAML_COMMON = "MODEL: {NUM_CLASSES: 7, ARCH: mvit, MODEL_NAME: MViT, DROPOUT_RATE: 0.0}\n"
+# Reduced copies of the official configs: only sizes changed, every other key as in the released YAML
+# (missing keys take the official defaults: e.g. the K400 file has no SEPARATE_QKV -> fused qkv, no
+# PRE_Q_FUSION -> avg, QKV_BIAS False, CLS_EMBED_ON True which the reversible model never uses). The
+# image one adds a stride-1 Q entry (MViTv1 style): reversible layer 4 then pools Q with kernel (1, 3, 3).
+OFFICIAL_YAMLS = {
+    "REV_VIT_S": (_YAML_COMMON + """
+DATA: {NUM_FRAMES: 1, TRAIN_CROP_SIZE: 32, TEST_CROP_SIZE: 32, INPUT_CHANNEL_NUM: [3]}
+MVIT:
+  PATCH_2D: True
+  ZERO_DECAY_POS_CLS: False
+  MODE: "conv"
+  CLS_EMBED_ON: False
+  PATCH_KERNEL: [8, 8]
+  PATCH_STRIDE: [8, 8]
+  PATCH_PADDING: [0, 0]
+  EMBED_DIM: 32
+  NUM_HEADS: 2
+  MLP_RATIO: 4.0
+  QKV_BIAS: True
+  DROPPATH_RATE: 0.1
+  DEPTH: 3
+  NORM: "layernorm"
+  POOL_KV_STRIDE: []
+  SEPARATE_QKV : True
+  REV: {ENABLE: True, RESPATH_FUSE: "concat", RES_PATH: "conv"}
+""", (2, 3, 32, 32)),
+    "REV_MVIT_B_16_CONV": (_YAML_COMMON + """
+DATA: {NUM_FRAMES: 1, TRAIN_CROP_SIZE: 64, TEST_CROP_SIZE: 64, INPUT_CHANNEL_NUM: [3]}
+MVIT:
+  PATCH_2D: True
+  ZERO_DECAY_POS_CLS: False
+  MODE: "conv"
+  CLS_EMBED_ON: False
+  PATCH_KERNEL: [7, 7]
+  PATCH_STRIDE: [4, 4]
+  PATCH_PADDING: [3, 3]
+  EMBED_DIM: 16
+  NUM_HEADS: 1
+  MLP_RATIO: 4.0
+  QKV_BIAS: True
+  DROPPATH_RATE: 0.1
+  DEPTH: 6
+  NORM: "layernorm"
+  DIM_MUL: [[1, 2.0], [3, 2.0]]
+  HEAD_MUL: [[1, 2.0], [3, 2.0]]
+  POOL_KVQ_KERNEL: [1, 3, 3]
+  POOL_KV_STRIDE_ADAPTIVE: [1, 4, 4]
+  POOL_Q_STRIDE: [[1, 1, 2, 2], [3, 1, 2, 2], [4, 1, 1, 1]]
+  SEPARATE_QKV : True
+  REV:
+    ENABLE: True
+    RESPATH_FUSE: "concat"
+    BUFFER_LAYERS : [1, 3]
+    RES_PATH : "conv"
+    PRE_Q_FUSION: "concat_linear_2"
+""", (2, 3, 64, 64)),
+    "REV_MVIT_B_16x4_CONV": (_YAML_COMMON + """
+DATA: {NUM_FRAMES: 4, SAMPLING_RATE: 4, TRAIN_CROP_SIZE: 64, TEST_CROP_SIZE: 64, INPUT_CHANNEL_NUM: [3]}
+MVIT:
+  ZERO_DECAY_POS_CLS: False
+  CLS_EMBED_ON: True
+  SEP_POS_EMBED: True
+  USE_ABS_POS: True
+  DEPTH: 6
+  NUM_HEADS: 1
+  EMBED_DIM: 16
+  PATCH_KERNEL: (3, 7, 7)
+  PATCH_STRIDE: (2, 4, 4)
+  PATCH_PADDING: (1, 3, 3)
+  MLP_RATIO: 4.0
+  QKV_BIAS: False
+  DROPPATH_RATE: 0.05
+  NORM: "layernorm"
+  MODE: "conv"
+  DIM_MUL: [[1, 2.0], [3, 2.0]]
+  HEAD_MUL: [[1, 2.0], [3, 2.0]]
+  POOL_KVQ_KERNEL: [3, 3, 3]
+  POOL_KV_STRIDE_ADAPTIVE: [1, 8, 8]
+  POOL_Q_STRIDE: [[1, 1, 2, 2], [3, 1, 2, 2]]
+  REV:
+    ENABLE: True
+    RESPATH_FUSE: "concat"
+    BUFFER_LAYERS : [1, 3]
+    RES_PATH : "conv"
+""", (2, 3, 4, 64, 64)),
+}
+
+
+def _official_structured(tmp_path, name, extra_state=None):
+    """(official-structured model with random weights, path of its .pyth, input shape)."""
+    text, shape = OFFICIAL_YAMLS[name]
+    torch.manual_seed(0)
+    ref = OfficialRevMViT(official_merged(text)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for key, p in ref.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                p.copy_(r * p[0].numel() ** -0.5)
+            else:
+                p.copy_(r * 0.2 + (1.0 if "norm" in key and key.endswith("weight") else 0.0))
+    state = {**ref.state_dict(), **(extra_state or {})}
+    path = write_pyth(tmp_path / f"{name}.pyth", ckpt={"model_state": state, "cfg": text, "epoch": 1})
+    return ref, path, shape
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_YAMLS))
+def test_official_structured_model_matches_loaded_model_logits_and_input_gradients(tmp_path, name):
+    # keys come from the official module layout (not from revvit), the layer arithmetic from the config
+    ref, path, shape = _official_structured(tmp_path, name)
+    model = revvit.load_slowfast(path)
+    assert model.backprop == "reversible"  # the input gradient goes through reversible backprop
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    outs, grads = [], []
+    for forward in (ref, model):
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
+        outs.append(out.detach())
+        grads.append(xi.grad)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=0)
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
+
+
+def test_class_token_of_a_config_with_cls_embed_on_is_dropped_with_a_note(tmp_path):
+    # The K400 yaml says CLS_EMBED_ON True; the official reversible model cannot use a class token (the
+    # official loader skips weights the model does not have), so the outputs do not depend on it.
+    extra = {"cls_token": torch.randn(1, 1, 16), "pos_embed_class": torch.randn(1, 1, 16)}
+    ref, path, shape = _official_structured(tmp_path, "REV_MVIT_B_16x4_CONV", extra)
+    model, info = revvit.interop.slowfast.load_slowfast_with_info(path)
+    assert any("cls_token" in n for n in info["notes"])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
+
+
+def test_interop_width_rounding_is_the_official_one():
+    from revvit.interop.slowfast_config import _round_width
+    from revvit.models.mvit import round_width
+
+    for width in (1, 2, 3, 16, 96, 100, 384):
+        for mult in (0.5, 1.0, 2.0, 1.5):
+            for divisor in (1, 2, 4, 8, 12):
+                assert _round_width(width, mult, divisor) == round_width(width, mult, divisor), (width, mult, divisor)

@@ -19,7 +19,8 @@ from torch import nn
 
 from .memory import measure_training_memory
 
-__all__ = ["Candidate", "Result", "compare", "vit_candidates", "format_table", "add_arguments", "main"]
+__all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "add_arguments",
+           "main"]
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Candidate:
 @dataclass
 class Result:
     label: str
-    depth: int
+    setting: str  # what the candidates of one comparison share, e.g. "depth 12"
     mb_per_sample: float
     step_seconds: float
 
@@ -45,7 +46,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(candidates: list[Candidate], x: torch.Tensor, depth: int, steps: int = 3) -> list[Result]:
+def compare(candidates: list[Candidate], x: torch.Tensor, setting: str, steps: int = 3) -> list[Result]:
     """Memory of each candidate, then `steps` timed steps of each, interleaved; median step time."""
     models, mem = {}, {}
     for c in candidates:
@@ -60,7 +61,7 @@ def compare(candidates: list[Candidate], x: torch.Tensor, depth: int, steps: int
             _step(models[c.label], x)
             _sync(x.device)
             times[c.label].append(time.perf_counter() - start)
-    return [Result(c.label, depth, mem[c.label], statistics.median(times[c.label])) for c in candidates]
+    return [Result(c.label, setting, mem[c.label], statistics.median(times[c.label])) for c in candidates]
 
 
 def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
@@ -84,23 +85,40 @@ def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
     ]
 
 
+def mvit_candidates(video: bool, img_size: int, num_frames: int) -> list[Candidate]:
+    """Rev-MViT-B (reversible and autograd) and its non-reversible twin MViT-B."""
+    suffix = "_16x4" if video else ""
+    kwargs = dict(img_size=img_size, drop_path_rate=0.0, **(dict(num_frames=num_frames) if video else {}))
+    rev, plain = f"rev_mvit_base{suffix}", f"mvit_base{suffix}"
+    return [
+        Candidate(f"{rev} reversible", lambda: timm.create_model(rev, **kwargs).set_backprop("reversible")),
+        Candidate(f"{rev} autograd", lambda: timm.create_model(rev, **kwargs).set_backprop("autograd")),
+        Candidate(f"{plain}", lambda: timm.create_model(plain, **kwargs)),
+    ]
+
+
 def format_table(results: list[Result]) -> str:
-    """Markdown table; ratios relative to the reversible row of the same depth."""
-    lines = ["| model | depth | MB per sample | memory vs reversible | step s | step time vs reversible |",
+    """Markdown table; ratios relative to the first (reversible) row of the same setting."""
+    lines = ["| model | setting | MB per sample | memory vs reversible | step s | step time vs reversible |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        ref = next(x for x in results if x.depth == r.depth)
-        lines.append(f"| {r.label} | {r.depth} | {r.mb_per_sample:.2f} | {r.mb_per_sample / ref.mb_per_sample:.2f}x "
+        ref = next(x for x in results if x.setting == r.setting)
+        lines.append(f"| {r.label} | {r.setting} | {r.mb_per_sample:.2f} | {r.mb_per_sample / ref.mb_per_sample:.2f}x "
                      f"| {r.step_seconds:.3f} | {r.step_seconds / ref.step_seconds:.2f}x |")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video"],
+                        help="vit: Rev-ViT vs timm ViT (+checkpointing) at several depths; mvit: Rev-MViT-B vs "
+                             "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4 (default: vit)")
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
-                        help="ViT size (default: small, the paper's Rev-ViT-S)")
-    parser.add_argument("--depths", default="12,24", help="comma-separated depths (default: 12,24)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--img-size", type=int, default=224)
+                        help="ViT size for --family vit (default: small, the paper's Rev-ViT-S)")
+    parser.add_argument("--depths", default="12,24", help="comma-separated depths for --family vit (default: 12,24)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="default: 4 (vit), 2 (mvit), 1 (mvit-video)")
+    parser.add_argument("--img-size", type=int, default=None, help="default: 224 (112 for mvit-video)")
+    parser.add_argument("--num-frames", type=int, default=8, help="clip length for mvit-video (default: 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per candidate (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -108,14 +126,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> list[Result]:
     device = torch.device(args.device)
+    video = args.family == "mvit-video"
+    batch = args.batch_size or {"vit": 4, "mvit": 2, "mvit-video": 1}[args.family]
+    img_size = args.img_size or (112 if video else 224)
     torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    shape = (batch, 3, args.num_frames, img_size, img_size) if video else (batch, 3, img_size, img_size)
+    x = torch.randn(*shape, device=device)
     results = []
-    for depth in (int(d) for d in args.depths.split(",")):
-        print(f"measuring depth {depth} ...", flush=True)
-        results += compare(vit_candidates(args.size, depth, args.img_size), x, depth, args.steps)
-    print(f"\nbatch {args.batch_size}, {args.img_size}px, {device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; memory = peak activation bytes above parameters+grads")
+    if args.family == "vit":
+        for depth in (int(d) for d in args.depths.split(",")):
+            print(f"measuring depth {depth} ...", flush=True)
+            results += compare(vit_candidates(args.size, depth, img_size), x, f"depth {depth}", args.steps)
+    else:
+        print(f"measuring {args.family} ...", flush=True)
+        results += compare(mvit_candidates(video, img_size, args.num_frames), x, "x".join(map(str, shape[2:])),
+                           args.steps)
+    print(f"\ninput {tuple(shape)}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          "memory = peak activation bytes above parameters+grads")
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

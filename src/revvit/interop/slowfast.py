@@ -197,12 +197,18 @@ def _rename_layer_rest(rest: str, transition: bool) -> Optional[str]:
     return None
 
 
-def official_to_revvit(state: Mapping[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor], list[str]]:
+_CLASS_TOKEN_KEYS = ("cls_token", "pos_embed_class")
+
+
+def official_to_revvit(state: Mapping[str, Tensor], model: nn.Module,
+                       skip_class_token: bool = False) -> tuple[dict[str, Tensor], list[str]]:
     """Rename an official state dict to `model`'s keys. Returns (renamed, official keys with no place):
     a renamed key the model does not have is reported under its official name.
 
     A fused `F.attn.qkv` is split into q, k, v when the model has separate projections (Rev-ViT): rows
     [0, C) are q, [C, 2C) k and [2C, 3C) v, the order the official attention reshapes them in.
+    `skip_class_token` drops `cls_token` / `pos_embed_class` (for a config with MVIT.CLS_EMBED_ON,
+    which the official reversible model cannot use: its loader skips weights the model lacks).
     """
     own = model.state_dict()
     is_vit = hasattr(model, "stack")
@@ -212,6 +218,8 @@ def official_to_revvit(state: Mapping[str, Tensor], model: nn.Module) -> tuple[d
     out: dict[str, Tensor] = {}
     unused: list[str] = []
     for key, value in _clean_keys(state).items():
+        if skip_class_token and key in _CLASS_TOKEN_KEYS:
+            continue
         new: Optional[str] = None
         match = _LAYER.match(key)
         if match:
@@ -322,7 +330,7 @@ def load_slowfast_with_info(path: os.PathLike | str, **overrides: Any) -> tuple[
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"cannot build the {family} the config describes ({e})",
                               f"kwargs read from the config: {spec.kwargs}; overrides: {overrides}") from None
-    mapped, unused = official_to_revvit(state, model)
+    mapped, unused = official_to_revvit(state, model, skip_class_token=bool(merged["MVIT"]["CLS_EMBED_ON"]))
     load_mapped(model, mapped, unused, path, overrides)
     info = {"cfg": merged, "epoch": ckpt.get("epoch"), "family": family, "kwargs": kwargs, "notes": list(spec.notes)}
     return model.eval(), info

@@ -154,11 +154,12 @@ class UnsupportedConfig(ValueError):
 
 
 def _round_width(width: float, multiplier: float, divisor: int = 1) -> int:
-    """SlowFast's width rounding: width*multiplier to the nearest multiple of divisor, never below 90%."""
+    """SlowFast's width rounding: width*multiplier to the nearest multiple of divisor (at least 1, the
+    official `min_width`), never below 90%."""
     if not multiplier:
         return int(width)
     width = width * multiplier
-    out = max(divisor, int(width + divisor / 2) // divisor * divisor)
+    out = max(1, int(width + divisor / 2) // divisor * divisor)
     if out < 0.9 * width:
         out += divisor
     return int(out)
@@ -293,7 +294,7 @@ def read_arch(cfg: Mapping) -> ArchSpec:
     notes = []
     if m["CLS_EMBED_ON"]:
         notes.append("MVIT.CLS_EMBED_ON=True is ignored: the official reversible model rejects a class token "
-                     "and was trained without one")
+                     "and was trained without one (cls_token / pos_embed_class weights, if any, are skipped)")
     if float(m["DROPOUT_RATE"]) > 0:
         notes.append(f"MVIT.DROPOUT_RATE={m['DROPOUT_RATE']} (training-time dropout in the official backbone) "
                      "is not reproduced; evaluation is unaffected")

@@ -1,0 +1,112 @@
+"""The `revvit` command: argument handling, error messages, eval output, exact resume after SIGKILL."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from revvit.cli import main
+
+TINY = ["model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "img_size=16", "in_chans=1",
+        "memory_table=false", "progress=false", "num_workers=0", "threads=1"]
+
+
+def test_train_help_documents_the_lr_rule_and_overrides(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "per 512 images of GLOBAL batch" in out and "lr * batch_size / 512" in out
+    assert "key=value" in out and "--resume" in out and "--backprop" in out
+
+
+def test_unknown_config_key_fails_with_the_valid_keys(capsys, tmp_path):
+    assert main(["train", "--output", str(tmp_path), "epoch=2"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown config key 'epoch'" in err and "valid keys:" in err and "batch_size" in err
+
+
+def test_unknown_model_fails_listing_known_ones(capsys, tmp_path):
+    assert main(["train", "--model", "rev_vit_hugee", "--output", str(tmp_path), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert "unknown model 'rev_vit_hugee'" in err and "rev_vit_small_patch16_224" in err
+
+
+def test_missing_config_file_is_reported(capsys):
+    assert main(["train", "--config", "no/such.yaml"]) == 1
+    assert "config file not found: no/such.yaml" in capsys.readouterr().err
+
+
+def test_eval_prints_top1_and_top5(capsys, tmp_path):
+    assert main(["train", "--output", str(tmp_path), "--epochs", "1", "--batch-size", "32", "--lr", "0.03",
+                 *TINY, "steps_per_epoch=20", "train_aug=false", "mixup=0", "cutmix=0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "model.safetensors"), "--data", "digits",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    top1 = float(out.split("top-1 ")[1].split("%")[0])
+    top5 = float(out.split("top-5 ")[1].split("%")[0])
+    assert "(360 samples)" in out and 10 < top1 <= top5 <= 100
+
+
+def test_eval_of_a_missing_checkpoint_fails_clearly(capsys, tmp_path):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", "digits"]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _revvit(out: Path, *extra: str) -> list[str]:
+    # Randomness everywhere it can be: augmentation (torch), mixup/cutmix (numpy), drop path (torch),
+    # sample order (sampler). Exact resume must restore all of it.
+    return [sys.executable, "-m", "revvit.cli", "train", "--output", str(out), "--epochs", "2", "--batch-size", "16",
+            "--lr", "0.02", *TINY, "steps_per_epoch=25", "ckpt_every_steps=5", "keep_last=2", "train_aug=true",
+            "mixup=0.8", "cutmix=1.0", "drop_path=0.1", "deterministic=true", *extra]
+
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_revvit(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 120
+    while not (killed / "ckpt_00000010.pt").exists():  # two checkpoints, mid-epoch
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0].decode()[-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "model.safetensors").exists()
+    # Damage the newest checkpoint too: resume must name it and fall back to the one before.
+    newest = sorted(killed.glob("ckpt_*.pt"))[-1]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+
+    resumed = subprocess.run(_revvit(killed, "--resume"), capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"checkpoint {newest} is corrupt or truncated" in resumed.stdout
+    assert "resumed from" in resumed.stdout
+
+    straight = subprocess.run(_revvit(tmp_path / "straight"), capture_output=True, text=True, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    a, b = load_file(killed / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((killed / "metrics.json").read_text())
+    hb = json.loads((tmp_path / "straight" / "metrics.json").read_text())
+    assert [(r["train_loss"], r["val_top1"]) for r in ha] == [(r["train_loss"], r["val_top1"]) for r in hb]
+
+
+@pytest.mark.slow
+def test_default_demo_reaches_95_percent_in_3_minutes(tmp_path):
+    t0 = time.time()
+    run = subprocess.run([sys.executable, "-m", "revvit.cli", "train"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600)
+    wall = time.time() - t0
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
+    assert summary["val_top1"] >= 95 and wall < 180
+    assert "reversible" in run.stdout and "autograd" in run.stdout and "KB/image" in run.stdout
