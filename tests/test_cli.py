@@ -40,6 +40,13 @@ def test_unknown_model_fails_listing_known_ones(capsys, tmp_path):
     assert "unknown model 'rev_vit_hugee'" in err and "rev_vit_small_patch16_224" in err
 
 
+def test_key_value_overrides_may_stand_between_and_after_flags(capsys, tmp_path):
+    assert main(["train", "epoch=2", "--output", str(tmp_path), "progress=false"]) == 1
+    assert "unknown config key 'epoch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--output", str(tmp_path), "--no-such-flag"])
+
+
 def test_missing_config_file_is_reported(capsys):
     assert main(["train", "--config", "no/such.yaml"]) == 1
     assert "config file not found: no/such.yaml" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import revvit  # noqa: F401
 from revvit.train import ConfigError, TrainError, TrainingDiverged, apply_overrides, fit, load_config
 from revvit.train import checkpoint as ckpt
-from revvit.train.config import DEFAULT_CONFIG, LR_REFERENCE_BATCH, TrainConfig, from_dict
+from revvit.train.config import DEFAULT_CONFIG, DIGITS_VIDEO_CONFIG, LR_REFERENCE_BATCH, TrainConfig, from_dict
 from revvit.train.loop import evaluate_checkpoint
 from revvit.train.optim import build_optimizer, lr_factor, param_groups
 
@@ -40,6 +40,12 @@ def test_overrides_are_typed_by_field():
                                           "betas=[0.8, 0.9]", "model_kwargs.depth=2", "auto_augment=null"])
     assert (cfg.epochs, cfg.amp, cfg.clip_grad, cfg.train_aug, cfg.betas) == (3, None, 0.5, False, [0.8, 0.9])
     assert cfg.model_kwargs == {"depth": 2} and cfg.auto_augment is None
+
+
+def test_choosing_another_model_drops_the_previous_models_kwargs():
+    assert apply_overrides(load_config(), ["model=rev_mvit_tiny"]).model_kwargs == {}
+    cfg = apply_overrides(load_config(), ["model_kwargs.depth=2", "model=rev_vit_small_patch16_224"])
+    assert cfg.model_kwargs == {"depth": 2}
 
 
 def test_unknown_key_is_refused_with_the_valid_keys():
@@ -75,6 +81,12 @@ def test_recipes_reproduce_the_official_absolute_learning_rates():
 
 def test_digits_yaml_is_the_embedded_default():
     assert load_config(CONFIGS / "digits.yaml") == load_config() == from_dict(DEFAULT_CONFIG)
+
+
+def test_digits_video_yaml_is_the_embedded_video_default():
+    video = load_config(data="digits-video")
+    assert load_config(CONFIGS / "digits_video.yaml") == video == from_dict(DIGITS_VIDEO_CONFIG)
+    assert (video.model, video.data, video.num_frames) == ("rev_mvit_tiny_video", "digits-video", 4)
 
 
 # -- optimiser and schedule ---------------------------------------------------------------------------

@@ -69,17 +69,16 @@ def _parser() -> argparse.ArgumentParser:
 def _train(args) -> int:
     from .train import apply_overrides, fit, load_config
 
-    cfg = load_config(args.config)
-    cfg = apply_overrides(cfg, args.overrides)
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
              "img_size": args.img_size, "amp": args.amp, "backprop": args.backprop, "seed": args.seed, "lr": args.lr}
-    cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in flags.items() if v is not None])
+    cfg = apply_overrides(load_config(args.config, data=args.data),
+                          args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None])
     if args.output:
         out = Path(args.output)
     elif args.resume:
         raise SystemExit("revvit train: --resume needs --output (the run directory to continue)")
     else:
-        name = Path(args.config).stem if args.config else "digits"
+        name = Path(args.config).stem if args.config else cfg.data
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     fit(cfg, out, resume=args.resume)
     return 0
@@ -97,7 +96,14 @@ def _eval(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may stand anywhere after `train`; argparse alone would only take them before the flags
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
+        extra = [e for e in extra if e not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "bench":
         from .bench.benchmark import main as bench
 

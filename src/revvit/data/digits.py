@@ -7,7 +7,7 @@ is upsampled on the fly (bilinear), which costs microseconds and avoids holding 
 digits (image): (in_chans, img_size, img_size). Train augmentation is a small random affine (±10°,
 ±10% shift, 0.9-1.1 scale): no flips, digits are not mirror-invariant; no RandAugment.
 
-digits-video: a digit, drawn at half the frame size, glides in a straight line across a black frame,
+digits-video: a digit, drawn at three quarters of the frame size, glides in a straight line across a black frame,
 bouncing off the edges, from a random start position, direction and speed; label = the digit (10
 classes). A small model learns it within minutes (any frame shows the digit), while the clips still
 exercise the video path: temporal sampling at `sampling_rate`, (C, T, H, W) items, multi-view eval.
@@ -96,7 +96,7 @@ class DigitsVideo(Dataset):
         self.random, self.views, self.crops, self.seed = random, views, crops, seed
         self.span = clip_span(num_frames, sampling_rate)
         self.length = 2 * self.span  # source video length in frames
-        self.side = max(img_size // 2, 4)
+        self.side = max(img_size * 3 // 4, 4)  # large enough for a tiny ViT to learn in a few CPU minutes
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -20,7 +20,8 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["TrainConfig", "ConfigError", "LR_REFERENCE_BATCH", "load_config", "apply_overrides", "DEFAULT_CONFIG"]
+__all__ = ["TrainConfig", "ConfigError", "LR_REFERENCE_BATCH", "load_config", "apply_overrides", "DEFAULT_CONFIG",
+           "DIGITS_VIDEO_CONFIG"]
 
 LR_REFERENCE_BATCH = 512
 
@@ -121,6 +122,15 @@ DEFAULT_CONFIG: dict[str, Any] = dict(
 )
 
 
+# The embedded video default (`revvit train --data digits-video`): the tiny Rev-MViT video model (Conv3d stem,
+# avg fusion, fused qkv: the Kinetics layout) on 4-frame 32x32 clips of a moving digit, label = the digit;
+# ~95% test top-1 in about 3.5 minutes on one CPU core. configs/digits_video.yaml holds the same settings.
+DIGITS_VIDEO_CONFIG: dict[str, Any] = dict(
+    DEFAULT_CONFIG, model="rev_mvit_tiny_video", model_kwargs={}, data="digits-video", img_size=32,
+    num_frames=4, sampling_rate=2, test_clips=2, epochs=8, lr=0.064,
+)
+
+
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
@@ -195,22 +205,26 @@ def _set(cfg: TrainConfig, key: str, value: Any) -> None:
         return
     if key not in types:
         raise _unknown_key(key)
-    setattr(cfg, key, _coerce(key, value, types[key]))
+    value = _coerce(key, value, types[key])
+    if key == "model" and value != cfg.model:
+        cfg.model_kwargs = {}  # they were options of the previous model
+    setattr(cfg, key, value)
 
 
 def from_dict(values: dict, base: Optional[TrainConfig] = None) -> TrainConfig:
     cfg = dataclasses.replace(base) if base is not None else TrainConfig()
     cfg.model_kwargs = dict(cfg.model_kwargs)
-    for key, value in values.items():
+    # "model" first: choosing another model drops the previous one's model_kwargs, not the ones given here
+    for key, value in sorted(values.items(), key=lambda item: str(item[0]) != "model"):
         _set(cfg, str(key), value)
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None) -> TrainConfig:
-    """The embedded default (no path) or a YAML recipe. A recipe may name a `base:` recipe file
-    (relative to itself) whose settings it then changes."""
+def load_config(path: Optional[str | Path] = None, data: Optional[str] = None) -> TrainConfig:
+    """The embedded default (no path: the digits demo, or the digits video demo for data="digits-video")
+    or a YAML recipe. A recipe may name a `base:` recipe file (relative to itself) whose settings it changes."""
     if path is None:
-        return from_dict(DEFAULT_CONFIG).validate()
+        return from_dict(DIGITS_VIDEO_CONFIG if data == "digits-video" else DEFAULT_CONFIG).validate()
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")

@@ -75,12 +75,18 @@ def build_model(cfg: TrainConfig, num_classes: int, img_size: int, in_chans: int
     return model, kwargs
 
 
-def data_spec(cfg: TrainConfig, path: Optional[str] = None):
+def data_spec(cfg: TrainConfig, path: Optional[str] = None, model_name: Optional[str] = None):
+    """The data settings of `cfg`, normalised with the model's own mean/std (timm's pretrained_cfg:
+    ImageNet statistics for images, 0.45/0.225 for the Kinetics models)."""
     from ..data import DataSpec
 
+    norm = {}
+    pretrained = timm.models.get_pretrained_cfg(model_name or cfg.model)
+    if pretrained is not None and pretrained.mean is not None:
+        norm = dict(mean=tuple(pretrained.mean), std=tuple(pretrained.std))
     return DataSpec(path=path or cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans, num_frames=cfg.num_frames,
                     sampling_rate=cfg.sampling_rate, train_aug=cfg.train_aug, auto_augment=cfg.auto_augment,
-                    reprob=cfg.reprob, test_clips=cfg.test_clips, test_crops=cfg.test_crops)
+                    reprob=cfg.reprob, test_clips=cfg.test_clips, test_crops=cfg.test_crops, **norm)
 
 
 def seed_everything(seed: int) -> None:
@@ -450,7 +456,7 @@ def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_w
         cfg.num_frames = kw["num_frames"]
     d = init_distributed(device)
     try:
-        bundle = build_datasets(data_spec(cfg, data))
+        bundle = build_datasets(data_spec(cfg, data, info.get("model")))
         classes = kw.get("num_classes")
         if classes is not None and classes != bundle.num_classes:
             raise TrainError(f"{path} predicts {classes} classes but {data} has {bundle.num_classes}")
