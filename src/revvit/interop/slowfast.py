@@ -150,14 +150,10 @@ def _clean_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # -- model families -------------------------------------------------------------------------------
 
 def _families() -> dict[str, tuple[type, type]]:
+    from ..models.mvit import MViTConfig, RevMViT
     from ..models.vit import RevViT, RevViTConfig
-    out: dict[str, tuple[type, type]] = {"RevViT": (RevViT, RevViTConfig)}
-    try:
-        from ..models.mvit import MViTConfig, RevMViT
-    except ImportError:  # pragma: no cover - the Rev-MViT module is optional at import time
-        return out
-    out["RevMViT"] = (RevMViT, MViTConfig)
-    return out
+
+    return {"RevViT": (RevViT, RevViTConfig), "RevMViT": (RevMViT, MViTConfig)}
 
 
 MODEL_FAMILIES = _families()

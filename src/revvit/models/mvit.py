@@ -608,28 +608,17 @@ class MViT(_MultiscaleBase):
 # -- official checkpoints -------------------------------------------------------------------------
 
 def checkpoint_filter_fn(state_dict: dict, model: RevMViT) -> dict:
-    """Convert an official SlowFast Rev-MViT state dict (or a whole `.pyth` checkpoint) to `model`'s keys.
+    """timm's pretrained hook: an official SlowFast state dict (or whole `.pyth` dict) renamed to `model`'s
+    keys by the one official-name mapping in `revvit.interop`; a state dict in our format passes through."""
+    from ..interop.slowfast import official_to_revvit  # at call time: interop builds on the models
 
-    Renames only: rev_backbone.layers.{i}.F/G -> the layer's f/g, pre_q_fuse.fuse_fn -> fuse.mlp,
-    head.projection -> head; drops the unused class token. A state dict in our format passes through.
-    """
     state_dict = state_dict.get("model_state", state_dict)
-    out = {}
-    for key, value in state_dict.items():
-        key = key.removeprefix("module.")
-        if key in ("cls_token", "pos_embed_class"):
-            continue  # the K400 release carries a class token that its reversible model never uses
-        if key.startswith("rev_backbone.layers."):
-            index, rest = key[len("rev_backbone.layers."):].split(".", 1)
-            for old, new in (("F.", "f."), ("G.", "g."), ("pre_q_fuse.fuse_fn.", "fuse.mlp.")):
-                if rest.startswith(old):
-                    rest = new + rest[len(old):]
-                    break
-            key = f"{model.layer_names[int(index)]}.{rest}"
-        elif key.startswith("head.projection."):
-            key = "head." + key[len("head.projection."):]
-        out[key] = value
-    return out
+    if not any(k.removeprefix("module.").startswith(("rev_backbone.", "head.projection.")) for k in state_dict):
+        return state_dict
+    mapped, unused = official_to_revvit(state_dict, model, skip_class_token=True)
+    if unused:
+        raise ValueError(f"official checkpoint keys with no place in {type(model).__name__}: {sorted(unused)}")
+    return mapped
 
 
 # -- registry -------------------------------------------------------------------------------------
