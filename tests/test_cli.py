@@ -47,6 +47,15 @@ def test_key_value_overrides_may_stand_between_and_after_flags(capsys, tmp_path)
         main(["train", "--output", str(tmp_path), "--no-such-flag"])
 
 
+def test_train_takes_rev_mvit_tiny_on_the_digits_default(tmp_path):
+    from revvit.interop import read_metadata
+
+    assert main(["train", "--model", "rev_mvit_tiny", "--img-size", "32", "--epochs", "1", "--output", str(tmp_path),
+                 "steps_per_epoch=3", "memory_table=false", "progress=false", "threads=1"]) == 0
+    meta = read_metadata(tmp_path / "model.safetensors")
+    assert meta["model"] == "rev_mvit_tiny" and meta["model_kwargs"]["img_size"] == 32
+
+
 def test_missing_config_file_is_reported(capsys):
     assert main(["train", "--config", "no/such.yaml"]) == 1
     assert "config file not found: no/such.yaml" in capsys.readouterr().err
