@@ -114,3 +114,38 @@ def test_unknown_option_is_refused_by_name():
 
 def test_package_exports():
     assert revvit.RevViT is type(tiny(depth=1))
+
+
+def test_forward_intermediates_gives_block_maps_and_the_final_features():
+    model = tiny(depth=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    final, maps = model.forward_intermediates(x, indices=[1, 3])
+    assert [m.shape for m in maps] == [(2, 384, 4, 4)] * 2
+    assert torch.allclose(final, model.forward_features(x), atol=1e-6)
+    assert torch.allclose(maps[1].flatten(2).transpose(1, 2), torch.cat(model.stack(*(2 * [
+        model.patch_embed(x) + model.pos_embed])), -1), atol=1e-6)
+    only = model.forward_intermediates(x, indices=2, intermediates_only=True, output_fmt="NLC")
+    assert [m.shape for m in only] == [(2, 16, 384)] * 2
+
+
+def test_reversible_segments_give_the_same_gradients_as_autograd():
+    model = tiny(depth=5, drop_path_rate=0.3).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    grads = {}
+    for mode in ("reversible", "autograd"):
+        model.set_backprop(mode)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        final, maps = model.forward_intermediates(x, indices=[0, 2])
+        (final.square().sum() + sum(m.sin().sum() for m in maps)).backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert grads["reversible"].numel() == grads["autograd"].numel() > 0
+    assert ((grads["reversible"] - grads["autograd"]).norm() / grads["autograd"].norm()) < 1e-10
+
+
+def test_features_only_through_timm():
+    torch.manual_seed(0)
+    model = timm.create_model("rev_vit_tiny_patch16_224", features_only=True, out_indices=(1, 3), depth=4,
+                              img_size=32, patch_size=8)
+    assert [f.shape for f in model(torch.randn(2, 3, 32, 32))] == [(2, 384, 4, 4)] * 2
+    assert model.feature_info.channels() == [384, 384]

@@ -9,11 +9,12 @@ No class token; logits out (the official head applies softmax in eval mode, this
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..layers import Attention, Mlp, PatchEmbed
@@ -96,7 +97,8 @@ class RevViT(nn.Module):
         self.norm = nn.LayerNorm(self.num_features, eps=1e-6)
         self.head_drop = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=self.num_features, reduction=cfg.patch_size, module="norm")]
+        self.feature_info = [dict(num_chs=self.num_features, reduction=cfg.patch_size, module=f"stack.blocks.{i}")
+                             for i in range(cfg.depth)]
 
         self.apply(init_weights_official)
         trunc_normal_(self.pos_embed, std=0.02)
@@ -132,6 +134,33 @@ class RevViT(nn.Module):
         x = self.patch_embed(x) + self.pos_embed
         y1, y2 = self.stack(x, x)
         return self.norm(torch.cat([y1, y2], dim=-1))
+
+    def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """Block outputs, timm's way: [Y1, Y2] of the blocks in `indices` (None: all; n: the last n) as
+        (B, 2D, H/p, W/p) maps ("NLC": (B, N, 2D) tokens), and unless `intermediates_only`, first the final
+        normalised tokens. The stack runs as consecutive reversible segments ending at the taken blocks,
+        so reversible backprop still keeps only the segment outputs (which are returned anyway)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stack), indices)
+        stop = max_index + 1 if (stop_early or intermediates_only) else len(self.stack)
+        x1 = x2 = self.patch_embed(x) + self.pos_embed
+        maps, start = [], 0
+        for index in sorted(take):  # a segment ends at every taken block
+            x1, x2 = self.stack(x1, x2, start, index + 1)
+            start = index + 1
+            y = torch.cat([x1, x2], dim=-1)
+            maps.append(self.norm(y) if norm else y)
+        if start < stop:
+            x1, x2 = self.stack(x1, x2, start, stop)
+        if output_fmt == "NCHW":
+            h, w = self.patch_embed.grid_size
+            maps = [y.transpose(1, 2).reshape(y.shape[0], -1, h, w) for y in maps]
+        if intermediates_only:
+            return maps
+        return self.norm(torch.cat([x1, x2], dim=-1)), maps
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, N, 2D) -> logits (B, classes), or the pooled (B, 2D) features with `pre_logits`."""
@@ -180,7 +209,9 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> RevViT:
-    return build_model_with_cfg(RevViT, variant, pretrained, **kwargs)
+    out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks unless told
+    return build_model_with_cfg(RevViT, variant, pretrained, feature_cfg=dict(out_indices=out_indices,
+                                                                              feature_cls="getter"), **kwargs)
 
 
 @register_model

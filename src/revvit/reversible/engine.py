@@ -231,14 +231,17 @@ class ReversibleStack(nn.Module):
             return False
         return x1.requires_grad or x2.requires_grad or any(p.requires_grad for p in self.parameters())
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x1: Tensor, x2: Tensor, start: int = 0, stop: Optional[int] = None) -> tuple[Tensor, Tensor]:
+        """Run blocks[start:stop] (all by default) as one reversible segment: of its activations only the
+        segment's output is kept. Consecutive segments chain exactly (e.g. to take intermediate features)."""
+        blocks = self.blocks[start:stop]
         if not self._needs_reversible(x1, x2):
-            for block in self.blocks:
+            for block in blocks:
                 x1, x2 = block(x1, x2)
             return x1, x2
         tape = _Tape()
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
+        last = len(blocks) - 1
+        for i, block in enumerate(blocks):
             params = [p for p in block.parameters() if p.requires_grad]
             x1, x2 = _ReversibleBlockFunction.apply(x1, x2, block, tape, i, i == last, *params)
         return x1, x2
