@@ -26,7 +26,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Mlp, PatchEmbed3d, PoolingAttention, pooled_grid
+from ..layers import Mlp, PatchEmbed3d, PoolingAttention, TokenClassifierMixin, pooled_grid
 from ..layers.pooling_attention import Grid
 from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack
 from .vit import MlpBranch, init_weights_official
@@ -363,7 +363,7 @@ def _config(cfg: Optional[MViTConfig], kwargs: dict) -> MViTConfig:
     return MViTConfig(**kwargs)
 
 
-class _MultiscaleBase(nn.Module):
+class _MultiscaleBase(TokenClassifierMixin, nn.Module):
     """What Rev-MViT and MViT share: stem, position embeddings, head, timm's interface."""
 
     cfg: MViTConfig
@@ -410,18 +410,6 @@ class _MultiscaleBase(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed_spatial", "pos_embed_temporal"} if self.cfg.sep_pos_embed else {"pos_embed"}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: Tensor) -> Tensor:
         x, (t, h, w) = self.patch_embed(x)
         if self.cfg.sep_pos_embed:  # token t*HW + s gets spatial[s] + temporal[t]
@@ -436,13 +424,6 @@ class _MultiscaleBase(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, [T,] H, W) -> normalised tokens (B, N_last, num_features)."""
         return self.norm(self._run(self._embed(x))[0])
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, N, num_features) -> logits (B, classes), or the pooled (B, num_features) with `pre_logits`."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -17,7 +17,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ..layers import Attention, Mlp, PatchEmbed
+from ..layers import Attention, Mlp, PatchEmbed, TokenClassifierMixin
 from ..reversible import ReversibleBlock, ReversibleStack
 
 __all__ = ["RevViTConfig", "RevViT"]
@@ -74,7 +74,7 @@ def init_weights_official(module: nn.Module) -> None:
         nn.init.constant_(module.bias, 0.02)
 
 
-class RevViT(nn.Module):
+class RevViT(TokenClassifierMixin, nn.Module):
     """Reversible Vision Transformer. Input (B, in_chans, img_size, img_size); output (B, num_classes)."""
 
     def __init__(self, cfg: Optional[RevViTConfig] = None, **kwargs):
@@ -117,18 +117,6 @@ class RevViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
         x = self.patch_embed(x) + self.pos_embed
@@ -161,13 +149,6 @@ class RevViT(nn.Module):
         if intermediates_only:
             return maps
         return self.norm(torch.cat([x1, x2], dim=-1)), maps
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, N, 2D) -> logits (B, classes), or the pooled (B, 2D) features with `pre_logits`."""
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
