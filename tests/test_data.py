@@ -1,6 +1,8 @@
 """Data package: what `build_datasets` returns for each source, and how it refuses bad data."""
 from __future__ import annotations
 
+import random
+import shutil
 import warnings
 
 import numpy as np
@@ -8,9 +10,9 @@ import pytest
 import torch
 
 from fixtures import write_corrupt, write_image_folder, write_video, write_video_list
-from revvit.data import DataBundle, DataSpec, build_datasets
+from revvit.data import DataBundle, DataSpec, build_datasets, common
 from revvit.data.digits import digits_split
-from revvit.data.transforms import spatial_crops
+from revvit.data.transforms import spatial_crops, video_rand_augment
 from revvit.data.video import clip_indices, decode_frames
 
 GREY = dict(mean=(0.5,), std=(0.5,))  # simple stats so channel values are easy to reason about
@@ -33,6 +35,15 @@ def video_root(tmp_path_factory):
     write_corrupt(root / "videos" / "broken.mp4")
     with open(root / "train.csv", "a") as f:
         f.write("videos/broken.mp4,1\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def same_lists_root(tmp_path_factory):
+    """Clean clips; val.csv lists the same videos as train.csv, so a train item can be compared with a val view."""
+    root = write_video_list(tmp_path_factory.mktemp("same"), num_classes=2, per_class=1, frames=16, size=32,
+                            splits=("train",))
+    shutil.copy(root / "train.csv", root / "val.csv")
     return root
 
 
@@ -261,3 +272,114 @@ def test_three_crops_cover_left_center_right():
     x = torch.arange(12.0).expand(1, 1, 4, 12)  # (T, C, H=4, W=12), value = column
     left, center, right = spatial_crops(x, 4, 3)
     assert [c[0, 0, 0, 0].item() for c in (left, center, right)] == [0, 4, 8]
+
+
+# ---- video train augmentation (the official Kinetics recipe) ---------------------------------------------
+
+AA = "rand-m9-n4-mstd0.5-inc1"
+
+
+def test_video_rand_augment_gives_every_frame_of_a_clip_the_same_ops():
+    still = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    clip = torch.from_numpy(np.stack([still] * 4))  # four identical frames
+    augment = video_rand_augment(AA, mean=(0.45, 0.45, 0.45), img_size=32)
+    changed = 0
+    for seed in range(5):
+        random.seed(seed), np.random.seed(seed)
+        out = augment(clip)
+        assert out.shape == clip.shape and out.dtype == torch.uint8
+        assert all(torch.equal(out[0], frame) for frame in out[1:])  # same ops and magnitudes on every frame
+        changed += not torch.equal(out[0], clip[0])
+    assert changed >= 4
+
+
+@pytest.mark.parametrize("auto_augment, uses_randaugment", [(None, False), (AA, True)])
+def test_video_train_clip_draws_randaugment_only_when_asked_for(same_lists_root, auto_augment, uses_randaugment):
+    train = build_datasets(video_spec(same_lists_root, auto_augment=auto_augment, reprob=0.0), splits=("train",)).train
+
+    def clip(seed: int) -> torch.Tensor:  # crop and flip come from torch's RNG, RandAugment from Python/numpy
+        torch.manual_seed(0), random.seed(seed), np.random.seed(seed)
+        return train[0][0]
+
+    assert torch.equal(clip(1), clip(1))
+    assert torch.equal(clip(1), clip(2)) is not uses_randaugment
+
+
+def test_video_random_erasing_fills_one_box_through_all_frames(same_lists_root):
+    def clip(reprob: float) -> torch.Tensor:
+        torch.manual_seed(3)
+        return build_datasets(video_spec(same_lists_root, auto_augment=None, reprob=reprob)).train[1][0]
+
+    erased = (clip(1.0) != clip(0.0)).any(0)  # (T, H, W): where erasing changed the clip
+    assert erased[0].any() and not erased[0].all()
+    assert all(torch.equal(erased[0], frame) for frame in erased[1:])
+    rows, cols = erased[0].any(1).nonzero(), erased[0].any(0).nonzero()
+    assert erased[0][rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a box
+
+
+def test_video_train_aug_false_ignores_randaugment_and_erasing(same_lists_root):
+    b = build_datasets(video_spec(same_lists_root, train_aug=False, auto_augment=AA, reprob=1.0, test_clips=1))
+    assert torch.equal(b.train[1][0], b.val[1][0][0])  # the plain centred clip, as evaluated
+
+
+# ---- building only the val split (evaluation) ----------------------------------------------------------
+
+def test_val_only_image_folder_ignores_train(tmp_path):
+    write_image_folder(tmp_path, ["a", "b"], per_class=2, splits=("val",))
+    write_image_folder(tmp_path, ["other"], per_class=1, splits=("train",))  # would fail the class check
+    write_corrupt(tmp_path / "train" / "other" / "broken.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = build_datasets(DataSpec(str(tmp_path), img_size=16, verify=True), splits=("val",))
+    assert b.train is None and (b.num_classes, b.class_names, len(b.val)) == (2, ["a", "b"], 4)
+    shutil.rmtree(tmp_path / "train")
+    assert build_datasets(DataSpec(str(tmp_path), img_size=16), splits=("val",)).class_names == ["a", "b"]
+
+
+def test_val_only_video_lists_do_not_open_train_videos(video_root):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # verifying train.csv would warn about broken.mp4
+        b = build_datasets(video_spec(video_root, verify=True), splits=("val",))
+    assert b.train is None and b.skipped == []
+    assert (b.num_classes, b.class_names, len(b.val)) == (3, ["run", "jump", "swim"], 6)
+
+
+def test_val_only_video_classes_come_from_the_lists_without_classes_txt(tmp_path):
+    root = write_video_list(tmp_path, num_classes=2, per_class=1, frames=8, fmt="txt")
+    with open(root / "train.txt", "a") as f:
+        f.write("videos/never_opened.mp4 4\n")
+    assert build_datasets(video_spec(root), splits=("val",)).num_classes == 5  # train list's labels, text only
+    (root / "train.txt").unlink()
+    b = build_datasets(video_spec(root), splits=("val",))
+    assert (b.num_classes, len(b.val)) == (2, 2)
+
+
+def test_unknown_split_names_are_rejected():
+    with pytest.raises(ValueError, match="splits must be"):
+        build_datasets(DataSpec(), splits=("test",))
+
+
+# ---- up-front verification policy ------------------------------------------------------------------------
+
+def test_auto_verify_leaves_splits_over_the_threshold_to_load_time(video_root, monkeypatch):
+    monkeypatch.setattr(common, "VERIFY_MAX_FILES", 6)  # train lists 7 videos, val 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        b = build_datasets(video_spec(video_root))
+    assert b.unchecked == {"train": 7} and b.skipped == [] and len(b.train) == 7
+
+
+def test_auto_verify_checks_splits_up_to_the_threshold(image_root, monkeypatch):
+    monkeypatch.setattr(common, "VERIFY_MAX_FILES", 10)  # each split holds 10 files
+    with pytest.warns(UserWarning, match="2 unreadable"):
+        b = build_datasets(DataSpec(str(image_root), img_size=16))
+    assert b.unchecked == {} and len(b.skipped) == 2
+
+
+def test_verify_true_checks_large_splits_and_false_checks_none(image_root, monkeypatch):
+    monkeypatch.setattr(common, "VERIFY_MAX_FILES", 1)
+    with pytest.warns(UserWarning, match="2 unreadable"):
+        assert len(build_datasets(DataSpec(str(image_root), img_size=16, verify=True)).skipped) == 2
+    monkeypatch.setattr(common, "VERIFY_MAX_FILES", 100)
+    b = build_datasets(DataSpec(str(image_root), img_size=16, verify=False))
+    assert b.skipped == [] and b.unchecked == {"train": 10, "val": 10}

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,8 @@ import revvit  # noqa: F401
 from revvit.train import ConfigError, TrainError, TrainingDiverged, apply_overrides, fit, load_config
 from revvit.train import checkpoint as ckpt
 from revvit.train.config import DEFAULT_CONFIG, DIGITS_VIDEO_CONFIG, LR_REFERENCE_BATCH, TrainConfig, from_dict
-from revvit.train.loop import evaluate_checkpoint
+from revvit.data import common as data_common
+from revvit.train.loop import data_spec, evaluate_checkpoint
 from revvit.train.optim import build_optimizer, lr_factor, param_groups
 
 from fixtures import write_corrupt, write_image_folder, write_video_list
@@ -59,6 +62,13 @@ def test_unknown_key_is_refused_with_the_valid_keys():
 def test_bad_values_are_refused(item, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(TrainConfig(), [item])
+
+
+def test_verify_data_defaults_to_auto_and_reaches_the_data_spec():
+    assert TrainConfig().verify_data is None and data_spec(TrainConfig()).verify is None
+    cfg = apply_overrides(TrainConfig(), ["verify_data=true"])
+    assert cfg.verify_data is True and data_spec(cfg).verify is True
+    assert apply_overrides(cfg, ["verify_data=none"]).verify_data is None
 
 
 def test_bad_yaml_key_names_the_file(tmp_path):
@@ -185,6 +195,28 @@ def test_image_folder_train_then_eval_with_a_corrupt_file(tmp_path):
     m = evaluate_checkpoint(tmp_path / "run" / "best.pt", str(root), device="cpu")
     assert m["count"] == 18 and m["top1"] >= 60  # colour classes; chance 33%
     assert "top5" not in m  # 3 classes
+
+
+def test_eval_builds_only_the_val_split(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", ["red", "green"], per_class=2, size=16)
+    fit(tiny("data=" + str(root), "in_chans=3", "epochs=1", "batch_size=2", "verify_data=true"), tmp_path / "run")
+    weights = tmp_path / "run" / "model.safetensors"
+    expected = evaluate_checkpoint(weights, str(root), device="cpu")
+    write_corrupt(root / "train" / "red" / "broken.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # verifying train/ (verify_data=true in the run's config) would warn
+        assert evaluate_checkpoint(weights, str(root), device="cpu") == expected
+    shutil.rmtree(root / "train")
+    assert evaluate_checkpoint(weights, str(root), device="cpu") == expected
+
+
+def test_large_unverified_split_is_said_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data_common, "VERIFY_MAX_FILES", 3)  # train holds 4 images, val 2
+    root = write_image_folder(tmp_path / "imgs", ["red", "green"], per_class=2, size=16, splits=("train",))
+    write_image_folder(root, ["red", "green"], per_class=1, size=16, splits=("val",))
+    fit(tiny("data=" + str(root), "in_chans=3", "epochs=1", "batch_size=2"), tmp_path / "run")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "up front" in line]
+    assert len(lines) == 1 and "4 train files" in lines[0] and "verify_data=true" in lines[0]
 
 
 def test_video_train_then_eval_averages_views(tmp_path):

@@ -4,19 +4,30 @@
 Why both: a header check of every file is cheap enough to run before training and gives one final list
 (`DataBundle.skipped`), but it cannot see a JPEG/mp4 truncated mid-stream; those surface only when
 decoded, inside DataLoader workers, where raising would kill the epoch.
+
+The up-front check costs one open per file: seconds for a small dataset, but hours for ImageNet or
+Kinetics. So by default (`verify=None`) a split is checked up front only when it has at most
+`VERIFY_MAX_FILES` files; a larger one relies on the load-time substitution alone.
 """
 from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["SkippingDataset", "find_unreadable", "warn_skipped"]
+__all__ = ["SkippingDataset", "VERIFY_MAX_FILES", "should_verify", "find_unreadable", "warn_skipped"]
 
 Sample = tuple[str, int]
+
+VERIFY_MAX_FILES = 20_000  # verify=None: check a split up front only up to this many files
+
+
+def should_verify(verify: Optional[bool], num_files: int) -> bool:
+    """The verification policy: True/False as given; None (auto) = the split is small enough."""
+    return num_files <= VERIFY_MAX_FILES if verify is None else verify
 
 
 def find_unreadable(paths: Sequence[str], check: Callable[[str], None], workers: int = 8) -> list[str]:

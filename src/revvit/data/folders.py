@@ -1,19 +1,19 @@
 """Image folders in the ImageNet layout: `ROOT/train/<class>/<image>` and `ROOT/val/<class>/<image>`.
 
 Class names are the sorted folder names (label = index), taken from train/ and required to be the same
-set in val/. Files whose extension torchvision does not list as an image are ignored; images PIL cannot
+set in val/; when only val/ is built (evaluation), they are val/'s folder names. Files whose extension torchvision does not list as an image are ignored; images PIL cannot
 open are skipped and named (see `common`).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .common import SkippingDataset, find_unreadable
+from .common import SkippingDataset, find_unreadable, should_verify
 
 __all__ = ["ImageFolderDataset", "load_image_folder", "scan_image_folder", "check_class_sets", "verify_image"]
 
@@ -62,26 +62,33 @@ class ImageFolderDataset(SkippingDataset):
             return self.transform(im.convert(self.mode))
 
 
-def load_image_folder(root: Path, verify: bool) -> tuple[list[str], dict[str, list], list[str]]:
-    """Scan and check ROOT/{train,val}: (classes, {"train": samples, "val": samples}, skipped paths).
+def load_image_folder(root: Path, verify: Optional[bool], splits: Sequence[str] = ("train", "val")
+                      ) -> tuple[list[str], dict[str, list], list[str], dict[str, int]]:
+    """Scan and check ROOT/<split> for each of `splits`: (classes, {split: samples}, skipped paths,
+    {split: file count} of the splits not verified up front; `verify` None = by size, see `common`).
     Raises ValueError for missing/empty splits, differing class sets, or a class left without train images."""
-    splits, skipped, classes = {}, [], None
-    for split in ("train", "val"):
+    out, skipped, unchecked, classes = {}, [], {}, None
+    for split in splits:
         names, files = scan_image_folder(root / split)
         if classes is None:
             classes = names
         else:
             check_class_sets(classes, names, root)
         paths = [p for name in names for p in files[name]]
-        bad = set(find_unreadable(paths, verify_image)) if verify else set()
+        bad = set()
+        if should_verify(verify, len(paths)):
+            bad = set(find_unreadable(paths, verify_image))
+        else:
+            unchecked[split] = len(paths)
         skipped += [p for p in paths if p in bad]
         label_of = {name: i for i, name in enumerate(classes)}
-        splits[split] = [(p, label_of[name]) for name in names for p in files[name] if p not in bad]
-        if not splits[split]:
+        out[split] = [(p, label_of[name]) for name in names for p in files[name] if p not in bad]
+        if not out[split]:
             raise ValueError(f"no readable images in {root / split} ({len(bad)} unreadable): "
                              f"put images ({', '.join(sorted(IMG_EXTENSIONS)[:6])}, ...) in {root / split}/<class>/")
-    empty = sorted(set(classes) - {classes[label] for _, label in splits["train"]})
-    if empty:
-        raise ValueError(f"classes with no readable training images in {root / 'train'}: {empty}; "
-                         "add images or remove those class folders from both train/ and val/")
-    return classes, splits, skipped
+    if "train" in out:
+        empty = sorted(set(classes) - {classes[label] for _, label in out["train"]})
+        if empty:
+            raise ValueError(f"classes with no readable training images in {root / 'train'}: {empty}; "
+                             "add images or remove those class folders from both train/ and val/")
+    return classes, out, skipped, unchecked

@@ -3,21 +3,30 @@ Videos: uint8 frames (T, H, W, 3) in, (C, T, H, W) float out, plain tensor ops o
 
 Train images follow the official recipe (timm: RandomResizedCrop, flip, RandAugment, random erasing);
 eval images are Resize(img_size / 0.875) + CenterCrop(img_size), i.e. 256 + 224 at 224.
+Train videos follow the official Kinetics recipe (SlowFast/pyslowfast): timm's RandAugment with the same
+ops and magnitudes on every frame of a clip, then scale jitter, crop and flip, normalisation, and random
+erasing of one box through all frames (a cube).
 Mixup/cutmix and repeated augmentation are batch/sampler level and live in the training loop.
 """
 from __future__ import annotations
 
+import math
+import random
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.data import create_transform
+from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
 from torchvision.transforms import v2
 
 __all__ = [
     "norm_stats", "image_train_transform", "image_eval_transform",
     "frames_to_tensor", "resize_short_side", "random_scale_crop_flip", "spatial_crops", "normalize_video",
+    "video_rand_augment", "random_erase_cube",
 ]
 
 EVAL_CROP_PCT = 0.875  # 224 / 256
@@ -106,3 +115,49 @@ def normalize_video(x: Tensor, mean, std) -> Tensor:
     m = torch.tensor(mean, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(1, -1, 1, 1)
     return ((x - m) / s).permute(1, 0, 2, 3).contiguous()
+
+
+def video_rand_augment(auto_augment: str, mean, img_size: int) -> Callable[[Tensor], Tensor]:
+    """timm's RandAugment (`auto_augment`, e.g. "rand-m7-n4-mstd0.5-inc1") for a clip: uint8 frames
+    (T, H, W, 3) -> the same, every frame given the SAME ops and magnitudes, so motion is not turned into noise.
+
+    How: timm draws the ops from numpy's global RNG and their probabilities, magnitudes, signs and
+    interpolations from Python's `random`. Both states are taken before the first frame and put back before
+    each frame, so every frame replays the first frame's draws; afterwards the RNGs stand where one image's
+    augmentation leaves them. `mean` (in [0, 1]) is the fill colour of rotate/shear/translate, as in timm."""
+    fill = tuple(min(255, round(255 * m)) for m in mean)
+    fill = fill * 3 if len(fill) == 1 else fill  # frames are RGB here, before any grey conversion
+    augment = rand_augment_transform(auto_augment, dict(translate_const=int(img_size * 0.45), img_mean=fill))
+
+    def apply(frames: Tensor) -> Tensor:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        out = []
+        for frame in frames.numpy():
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            out.append(np.asarray(augment(Image.fromarray(frame))))
+        return torch.from_numpy(np.stack(out))
+
+    return apply
+
+
+def random_erase_cube(x: Tensor, prob: float, area: tuple = (0.02, 1 / 3), aspect: tuple = (0.3, 1 / 0.3),
+                      tries: int = 10) -> Tensor:
+    """Random erasing for a normalised clip (C, T, H, W), timm's defaults in 3-D: with probability `prob`, one
+    box of random area (a fraction in `area` of the frame) and aspect ratio (log-uniform in `aspect`), the same
+    box in every frame, filled with per-pixel standard normal noise (timm's mode "pixel"). Returns a new tensor."""
+    if prob <= 0 or torch.rand(()).item() >= prob:
+        return x
+    h, w = x.shape[-2:]
+    log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+    for _ in range(tries):
+        target = h * w * torch.empty(()).uniform_(*area).item()
+        ratio = math.exp(torch.empty(()).uniform_(*log_aspect).item())
+        eh, ew = int(round(math.sqrt(target * ratio))), int(round(math.sqrt(target / ratio)))
+        if 0 < eh < h and 0 < ew < w:
+            top = int(torch.randint(0, h - eh + 1, ()).item())
+            left = int(torch.randint(0, w - ew + 1, ()).item())
+            x = x.clone()
+            x[..., top:top + eh, left:left + ew] = torch.randn(x.shape[:-2] + (eh, ew), dtype=x.dtype)
+            return x
+    return x

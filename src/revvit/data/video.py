@@ -7,7 +7,9 @@ relative to the list's folder. Without classes.txt, num_classes = largest label 
 
 Sampling (SlowFast's): a clip is `num_frames` frames `sampling_rate` apart, spanning
 (num_frames - 1) * sampling_rate + 1 source frames; a video shorter than that repeats its last frame.
-Train: a random start, then random short-side scale + crop + flip -> (C, T, H, W).
+Train: a random start, then (with `auto_augment`) RandAugment with the same ops on every frame, random
+short-side scale + crop + flip, normalisation, and (with `reprob`) one erased box through all frames
+-> (C, T, H, W), the official Kinetics recipe.
 Val: `test_clips` uniformly spaced starts × `test_crops` crops of the short-side-resized clip
 -> (V, C, T, H, W), V = clips × crops, clip-major; predictions are averaged over V.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import av
 import numpy as np
@@ -24,7 +26,8 @@ from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .common import SkippingDataset
-from .transforms import frames_to_tensor, normalize_video, random_scale_crop_flip, resize_short_side, spatial_crops
+from .transforms import (frames_to_tensor, normalize_video, random_erase_cube, random_scale_crop_flip,
+                         resize_short_side, spatial_crops, video_rand_augment)
 
 __all__ = [
     "LIST_FORMATS", "find_video_lists", "lists_images", "read_video_list", "read_class_names",
@@ -35,24 +38,27 @@ __all__ = [
 LIST_FORMATS = (".csv", ".txt")
 
 
-def find_video_lists(root: Path) -> Optional[dict[str, Path]]:
-    """{"train": list, "val": list} if ROOT holds train.{csv,txt}; None if it holds no train list.
-    ValueError if a split has two lists, an unknown format (e.g. train.json), or no val list."""
+def find_video_lists(root: Path, splits: Sequence[str] = ("train", "val")) -> Optional[dict[str, Path]]:
+    """{split: list} for `splits` if ROOT holds a list for the first of them (train, or val when only val is
+    asked for); None if it holds none. ValueError if a split has two lists, an unknown format (e.g. train.json),
+    or the other asked-for list is missing."""
+    key = splits[0]
     lists = {}
-    for split in ("train", "val"):
+    for split in splits:
         found = sorted(p for p in root.glob(f"{split}.*") if p.is_file())
         known = [p for p in found if p.suffix.lower() in LIST_FORMATS]
         if len(known) > 1:
             raise ValueError(f"both {known[0].name} and {known[1].name} in {root}: keep one {split} list")
-        if not known and found and split == "train" and not (root / "train").is_dir():
+        if not known and found and split == key and not (root / split).is_dir():
             raise ValueError(f"unknown list format {found[0].name} in {root}: video lists must be "
                              f"{split}.csv ('path,label' lines) or {split}.txt ('path label' lines)")
         if known:
             lists[split] = known[0]
-    if "train" not in lists:
+    if key not in lists:
         return None
-    if "val" not in lists:
-        raise ValueError(f"found {lists['train'].name} but no val.csv / val.txt in {root}: "
+    missing = [s for s in splits if s not in lists]
+    if missing:
+        raise ValueError(f"found {lists[key].name} but no {missing[0]}.csv / {missing[0]}.txt in {root}: "
                          "a video dataset needs both lists")
     return lists
 
@@ -181,11 +187,15 @@ class _VideoDataset(SkippingDataset):
 
 class VideoClipDataset(_VideoDataset):
     """One clip per video -> (C, num_frames, img_size, img_size). `augment`: random start, scale, crop,
-    flip; otherwise the centred clip, short side resized and center-cropped (deterministic)."""
+    flip, plus RandAugment (`auto_augment`, a timm string; None: off) and cube random erasing with
+    probability `reprob`; otherwise the centred clip, short side resized and center-cropped (deterministic)."""
 
-    def __init__(self, *args, augment: bool = True, **kwargs):
+    def __init__(self, *args, augment: bool = True, auto_augment: Optional[str] = None, reprob: float = 0.0,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.augment = augment
+        self.rand_augment = video_rand_augment(auto_augment, self.mean, self.img_size) if augment and auto_augment else None
+        self.reprob = reprob if augment else 0.0
 
     def _pick(self, n: int) -> list[int]:
         if self.augment:
@@ -195,12 +205,15 @@ class VideoClipDataset(_VideoDataset):
         return clip_indices(start, self.num_frames, self.sampling_rate, n)
 
     def load(self, path: str) -> Tensor:
-        x = frames_to_tensor(decode_frames(path, self._pick), self.in_chans)  # (T, C, H, W)
+        frames = decode_frames(path, self._pick)  # uint8 (T, H, W, 3)
+        if self.rand_augment is not None:
+            frames = self.rand_augment(frames)
+        x = frames_to_tensor(frames, self.in_chans)  # (T, C, H, W)
         if self.augment:
             x = random_scale_crop_flip(x, self.img_size)
         else:
             x = spatial_crops(resize_short_side(x, self.img_size), self.img_size, 1)[0]
-        return normalize_video(x, self.mean, self.std)
+        return random_erase_cube(normalize_video(x, self.mean, self.std), self.reprob)
 
 
 class VideoViewsDataset(_VideoDataset):

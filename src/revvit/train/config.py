@@ -9,6 +9,11 @@ Learning-rate rule: `lr` is the learning rate **per 512 images of global batch**
 together). The official recipes give absolute rates at their own global batch: Rev-ViT-S/B 5e-4 at 512
 (lr: 5e-4), Rev-MViT-B 2.5e-4 at 256 (lr: 5e-4), Rev-MViT-B 16x4 1.6e-3 at 256 (lr: 3.2e-3).
 `min_lr` and `warmup_lr` are absolute.
+
+Data verification (`verify_data`): true opens every file of both splits before training and drops the
+unreadable ones (named in summary.json); false opens none up front; none (the default) does so for a split
+of at most 20,000 files and, for a larger one (ImageNet, Kinetics), says so once and relies on the load-time
+check, which warns about and substitutes an unreadable file when it is loaded.
 """
 from __future__ import annotations
 
@@ -50,6 +55,7 @@ class TrainConfig:
     test_clips: int = 5
     test_crops: int = 1
     num_workers: int = 2
+    verify_data: Optional[bool] = None  # open every file up front: true, false, none = if a split has <= 20,000
     # -- optimisation: AdamW, cosine schedule after linear warmup, stepped every optimiser step
     epochs: int = 300
     steps_per_epoch: int = 0  # 0: a full pass over the data; N: stop each epoch after N steps

@@ -86,7 +86,8 @@ def data_spec(cfg: TrainConfig, path: Optional[str] = None, model_name: Optional
         norm = dict(mean=tuple(pretrained.mean), std=tuple(pretrained.std))
     return DataSpec(path=path or cfg.data, img_size=cfg.img_size, in_chans=cfg.in_chans, num_frames=cfg.num_frames,
                     sampling_rate=cfg.sampling_rate, train_aug=cfg.train_aug, auto_augment=cfg.auto_augment,
-                    reprob=cfg.reprob, test_clips=cfg.test_clips, test_crops=cfg.test_crops, **norm)
+                    reprob=cfg.reprob, test_clips=cfg.test_clips, test_crops=cfg.test_crops, verify=cfg.verify_data,
+                    **norm)
 
 
 def seed_everything(seed: int) -> None:
@@ -267,6 +268,12 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callab
         if bundle.skipped:
             say(f"skipped {len(bundle.skipped)} unreadable file(s): {', '.join(bundle.skipped[:5])}"
                 + (" ..." if len(bundle.skipped) > 5 else ""))
+        if bundle.unchecked and cfg.verify_data is None:
+            from ..data.common import VERIFY_MAX_FILES
+
+            splits = " and ".join(f"{n:,} {split}" for split, n in bundle.unchecked.items())
+            say(f"not opening the {splits} files up front (more than {VERIFY_MAX_FILES:,} in a split; "
+                "verify_data=true forces it): an unreadable file is skipped, with a warning, when it is loaded")
         model, model_kwargs = build_model(cfg, bundle.num_classes, bundle.img_size, bundle.in_chans,
                                           bundle.num_frames if bundle.kind == "video" else None)
         model.to(d.device)
@@ -456,7 +463,7 @@ def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_w
         cfg.num_frames = kw["num_frames"]
     d = init_distributed(device)
     try:
-        bundle = build_datasets(data_spec(cfg, data, info.get("model")))
+        bundle = build_datasets(data_spec(cfg, data, info.get("model")), splits=("val",))  # train is not scanned
         classes = kw.get("num_classes")
         if classes is not None and classes != bundle.num_classes:
             raise TrainError(f"{path} predicts {classes} classes but {data} has {bundle.num_classes}")
