@@ -14,15 +14,16 @@ so the backward pass can rebuild every block's input from its output instead of 
 
 Design (each choice fixes a defect of earlier implementations):
 
-* One autograd Function per block, with that block's parameters as explicit inputs. The Functions save
-  no tensors; the stack's last outputs live on a small per-forward :class:`_Tape`, and each block's
-  backward leaves its reconstructed inputs there for the block below. So activation memory is one
-  stack output plus one block's recomputation, independent of depth; `torch.autograd.grad(loss, params)`
-  works; a frozen stem still trains the blocks; and parameter gradients are produced one block at a
-  time (a whole-stack Function would hold every block's gradient at once).
-* Randomness is replayed, not reseeded: each block records the per-sample drop-path mask it drew and
-  the generator state (CPU and, for CUDA inputs, the device's) before F and before G, in the backward
-  context of *that* forward call. Global generators are never reseeded, so runs are reproducible from
+* A stack is a sequence of additive couplings, two per block: `streams[t] += DropPath(fn(streams[1-t]))`
+  with (fn, t) = (F, 0) then (G, 1). Each coupling is one autograd Function whose inputs include fn's
+  parameters, and which saves no tensor: a per-forward :class:`_Tape` holds the two streams as they stand
+  after the couplings not yet walked back (at first, the stack's output), and each coupling's backward
+  rebuilds its input there for the coupling below. So activation memory is one stack output plus one
+  F or G recomputation, whatever the depth; `torch.autograd.grad(loss, params)` works; a frozen stem
+  still trains the blocks; and parameter gradients leave one F or G at a time.
+* Randomness is replayed, not reseeded: the forward records each block's per-sample drop-path mask and
+  the generator states (CPU and, for CUDA inputs, the device's) before each F and G, on the tape of
+  *that* forward call. Global generators are never reseeded, so runs are reproducible from
   `torch.manual_seed`, and two forwards before one backward each replay their own draws.
 * The forward's autocast state is re-entered for the recomputation, so AMP recomputes exactly what the
   forward computed.
@@ -124,83 +125,73 @@ class ReversibleBlock(nn.Module):
         return f"drop_path={self.drop_path}"
 
 
+@dataclass
+class _Coupling:
+    """One additive coupling as the forward ran it: streams[target] += mask * fn(streams[1 - target])."""
+
+    fn: nn.Module
+    target: int
+    mask: Optional[Tensor]
+    rng: Optional[_RNGState]
+    autocast: _AutocastState
+
+    def recompute(self, b: Tensor) -> Tensor:
+        """mask * fn(b) with the forward's random draws and autocast state."""
+        with (self.rng.replay() if self.rng is not None else nullcontext()), self.autocast.enter():
+            return _scale(self.fn(b), self.mask)
+
+
 class _Tape:
-    """Per-forward hand-off between block backwards: index -> (Y1, Y2) of that block's output."""
+    """What one forward of a stack leaves for its backward: its couplings, in order, and the two streams
+    as they stand after coupling `top` (the last one not yet walked back)."""
 
     def __init__(self):
-        self.outputs: dict[int, tuple[Tensor, Tensor]] = {}
+        self.couplings: list[_Coupling] = []
+        self.streams: list[Tensor] = []
+        self.top = -1
 
-    def take(self, index: int) -> tuple[Tensor, Tensor]:
-        try:
-            return self.outputs.pop(index)
-        except KeyError:
+    def streams_after(self, index: int) -> list[Tensor]:
+        """The streams right after coupling `index`. Couplings above it whose backward does not run (their
+        output reached no loss: always a suffix of the stack) are first inverted without a graph."""
+        if index > self.top:
             raise RuntimeError(
-                "reversible backward: the output of block %d was not reconstructed. Reversible backprop "
-                "needs the gradient to flow through the last block of the stack and each graph to be "
-                "backpropagated once (no retain_graph). Use model.set_backprop('autograd') for those "
-                "cases." % index) from None
+                "reversible backward: this stack's activations were already rebuilt and released by an earlier "
+                "backward through the same graph. Reversible backprop walks each forward back once (no "
+                "retain_graph); use model.set_backprop('autograd') to backpropagate twice.")
+        with torch.no_grad():
+            while self.top > index:
+                c = self.couplings[self.top]
+                self.streams[c.target] = self.streams[c.target] - c.recompute(self.streams[1 - c.target])
+                self.top -= 1
+        return self.streams
 
 
-class _ReversibleBlockFunction(torch.autograd.Function):
-    """Forward of one block without a graph; backward by reconstruction (see module docstring)."""
+class _CouplingFunction(torch.autograd.Function):
+    """out = a + mask * fn(b) without a graph; backward by recomputing fn(b) and rebuilding a = out - ..."""
 
     @staticmethod
-    def forward(ctx, x1: Tensor, x2: Tensor, block: ReversibleBlock, tape: _Tape, index: int,
-                is_last: bool, *params: Tensor) -> tuple[Tensor, Tensor]:
-        device = x1.device
-        ctx.block, ctx.tape, ctx.index, ctx.params = block, tape, index, params
-        ctx.autocast = _AutocastState.capture(device)
-        ctx.mask = block.sample_mask(x1)
-        random = block.training
-        ctx.rng_f = _RNGState.capture(device) if random else None
-        y1 = x1 + _scale(block.f(x2), ctx.mask)
-        ctx.rng_g = _RNGState.capture(device) if random else None
-        y2 = x2 + _scale(block.g(y1), ctx.mask)
-        if is_last:
-            tape.outputs[index] = (y1.detach(), y2.detach())
-        return y1, y2
+    def forward(ctx, a: Tensor, b: Tensor, tape: _Tape, index: int, *params: Tensor) -> Tensor:
+        ctx.tape, ctx.index, ctx.params = tape, index, params
+        c = tape.couplings[index]
+        return a + _scale(c.fn(b), c.mask)
 
     @staticmethod
-    def backward(ctx, dy1: Tensor, dy2: Tensor):
-        block, mask = ctx.block, ctx.mask
-        y1, y2 = ctx.tape.take(ctx.index)
-        f_params = [p for p in block.f.parameters() if p.requires_grad]
-        g_params = [p for p in block.g.parameters() if p.requires_grad]
-
-        # G: recompute G(Y1) with a graph; dY2 flows into Y1 and G's weights. Then X2 = Y2 - G(Y1).
+    def backward(ctx, d_out: Tensor):
+        tape, index = ctx.tape, ctx.index
+        c = tape.couplings[index]
+        streams = tape.streams_after(index)
+        out, b = streams[c.target], streams[1 - c.target]
+        # recompute fn(b) with a graph: d_out flows into b and fn's weights (and unchanged into a) ...
         with torch.enable_grad():
-            y1 = y1.detach().requires_grad_(True)
-            with _replay(ctx.rng_g), ctx.autocast.enter():
-                g_out = _scale(block.g(y1), mask)
-            dy1_g, *dg = torch.autograd.grad(g_out, [y1] + g_params, dy2, allow_unused=True)
+            b = b.detach().requires_grad_(True)
+            f = c.recompute(b)
+            d_b, *d_params = torch.autograd.grad(f, [b, *ctx.params], d_out, allow_unused=True)
+        # ... then rebuild this coupling's input: a = out - fn(b)
         with torch.no_grad():
-            x2 = y2 - g_out
-            dy1 = dy1 + dy1_g
-        del g_out, y2
-
-        # F: recompute F(X2) with a graph; dY1 flows into X2 and F's weights. Then X1 = Y1 - F(X2).
-        with torch.enable_grad():
-            x2 = x2.detach().requires_grad_(True)
-            with _replay(ctx.rng_f), ctx.autocast.enter():
-                f_out = _scale(block.f(x2), mask)
-            dx2_f, *df = torch.autograd.grad(f_out, [x2] + f_params, dy1, allow_unused=True)
-        with torch.no_grad():
-            x1 = y1.detach() - f_out
-            dx2 = dy2 + dx2_f
-        del f_out
-
-        if ctx.index > 0:
-            ctx.tape.outputs[ctx.index - 1] = (x1, x2.detach())
-        grads: dict[int, Tensor] = {}
-        for p, grad in zip(f_params + g_params, df + dg):
-            if grad is not None:  # a parameter shared by F and G gets the sum of both
-                grads[id(p)] = grad if id(p) not in grads else grads[id(p)] + grad
-        param_grads = tuple(grads.get(id(p)) for p in ctx.params)
-        return (dy1, dx2, None, None, None, None) + param_grads
-
-
-def _replay(state: Optional[_RNGState]):
-    return nullcontext() if state is None else state.replay()
+            streams[c.target] = out - f
+        streams[1 - c.target] = b.detach()
+        tape.top = index - 1
+        return (d_out, d_b, None, None, *d_params)
 
 
 class ReversibleStack(nn.Module):
@@ -240,8 +231,18 @@ class ReversibleStack(nn.Module):
                 x1, x2 = block(x1, x2)
             return x1, x2
         tape = _Tape()
-        last = len(blocks) - 1
-        for i, block in enumerate(blocks):
-            params = [p for p in block.parameters() if p.requires_grad]
-            x1, x2 = _ReversibleBlockFunction.apply(x1, x2, block, tape, i, i == last, *params)
+        for block in blocks:
+            mask = block.sample_mask(x1)  # one per-sample mask for F and G, drawn first as in block.forward
+            x1 = _couple(tape, block.f, 0, mask, x1, x2)  # Y1 = X1 + F(X2)
+            x2 = _couple(tape, block.g, 1, mask, x2, x1)  # Y2 = X2 + G(Y1)
+        tape.streams, tape.top = [x1.detach(), x2.detach()], len(tape.couplings) - 1
         return x1, x2
+
+
+def _couple(tape: _Tape, fn: nn.Module, target: int, mask: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """Record one coupling on the tape (its random state is taken just before fn runs) and apply it."""
+    device = b.device
+    rng = _RNGState.capture(device) if fn.training else None
+    tape.couplings.append(_Coupling(fn, target, mask, rng, _AutocastState.capture(device)))
+    params = [p for p in fn.parameters() if p.requires_grad]
+    return _CouplingFunction.apply(a, b, tape, len(tape.couplings) - 1, *params)
