@@ -17,7 +17,6 @@ import copy
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterator, Sized
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
