@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from torch import nn
 
@@ -96,14 +96,17 @@ def model_spec(model: nn.Module) -> tuple[str, dict]:
 
 # -- atomic writing -------------------------------------------------------------------------------
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
+def atomic_write(path: os.PathLike | str, write: Callable[[Any], None]) -> None:
+    """Write through `write(file)` into a temporary file beside `path`, make it durable (fsync of file and
+    folder), then rename it over `path`: a crash at any moment leaves the old file or the new one, never a
+    truncated one, and a failed write removes its temporary file."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise CheckpointError(path, f"the folder {folder!r} does not exist", "Create it first.")
+        raise CheckpointError(str(path), f"the folder {folder!r} does not exist", "Create it first.")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -113,6 +116,14 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 # -- save / load ----------------------------------------------------------------------------------
@@ -130,7 +141,8 @@ def save(model: nn.Module, path: os.PathLike | str, extra_metadata: Optional[Map
     meta = {"format": FORMAT, "model": name, "model_kwargs": json.dumps(kwargs, sort_keys=True),
             "revvit_version": _version()}
     meta.update({str(k): str(v) for k, v in (extra_metadata or {}).items()})
-    _atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    data = st_save(tensors, metadata=meta)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _is_safetensors(path: str) -> bool:

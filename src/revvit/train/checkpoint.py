@@ -6,14 +6,13 @@ random generator (python, numpy, torch CPU, CUDA) as tensors and plain types, so
 `torch.load(weights_only=True)` reads it. The sampler needs no state of its own: each epoch's permutation
 is a function of (seed, epoch), and resuming skips the consumed batches.
 
-Writes are atomic: `name.tmp` in the same directory, flush + fsync, `os.replace`, fsync of the
-directory. A crash at any moment leaves either the old file set or the new one, never a truncated
-checkpoint under a final name.
+Writes are atomic (`revvit.interop.atomic_write`: a temporary file in the same directory, flush + fsync,
+`os.replace`, fsync of the directory). A crash at any moment leaves either the old file set or the new
+one, never a truncated checkpoint under a final name.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -23,7 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "CheckpointError",
+from ..interop.weights import atomic_write
+
+__all__ = ["atomic_write", "atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "CheckpointError",
            "rng_state", "set_rng_state", "save_weights", "load_model", "BEST", "WEIGHTS"]
 
 BEST = "best.pt"
@@ -33,29 +34,6 @@ _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 
 class CheckpointError(RuntimeError):
     pass
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through `write(file)` into `path.tmp`, make it durable, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
