@@ -57,3 +57,30 @@ def test_pretrained_cfg_describes_the_input(model_and_input):
     model, _ = model_and_input
     cfg = model.pretrained_cfg
     assert len(cfg["input_size"]) == 3 and len(cfg["mean"]) == 3 and cfg["classifier"] == "head"
+
+
+REVERSIBLE = [
+    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3), IMAGE),
+    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4), IMAGE),
+    ("rev_mvit_tiny", {}, IMAGE),
+    ("rev_mvit_tiny", dict(stage_depths=(2, 2, 3)), IMAGE),
+    ("rev_mvit_tiny_video", {}, VIDEO),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, shape", REVERSIBLE,
+                         ids=[f"{n}-{sorted(k.items())}" for n, k, _ in REVERSIBLE])
+def test_fp32_reversible_gradients_match_autograd_with_drop_path(name, kwargs, shape):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=7, drop_path_rate=0.3, **kwargs)
+    x = torch.randn(*shape, requires_grad=True)
+    grads = {}
+    for mode in ("reversible", "autograd"):
+        model.set_backprop(mode)
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(4)
+        model(x).logsumexp(-1).sum().backward()
+        grads[mode] = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
+    err = (grads["reversible"] - grads["autograd"]).norm() / grads["autograd"].norm()
+    assert err < 1e-5

@@ -16,10 +16,10 @@ Design (each choice fixes a defect of earlier implementations):
 
 * A stack is a sequence of additive couplings, two per block: `streams[t] += DropPath(fn(streams[1-t]))`
   with (fn, t) = (F, 0) then (G, 1). Each coupling is one autograd Function whose inputs include fn's
-  parameters, and which saves no tensor: a per-forward :class:`_Tape` holds the two streams as they stand
-  after the couplings not yet walked back (at first, the stack's output), and each coupling's backward
-  rebuilds its input there for the coupling below. So activation memory is one stack output plus one
-  F or G recomputation, whatever the depth; `torch.autograd.grad(loss, params)` works; a frozen stem
+  parameters, and which saves no tensor: a per-forward :class:`_Tape` holds the stack's input and the two
+  streams as they stand after the couplings not yet walked back (at first, the stack's output), and each
+  coupling's backward rebuilds its input there for the coupling below. So activation memory is the stack's
+  input and output plus one F or G recomputation, whatever the depth; `torch.autograd.grad(loss, params)` works; a frozen stem
   still trains the blocks; and parameter gradients leave one F or G at a time.
 * Randomness is replayed, not reseeded: the forward records each block's per-sample drop-path mask and
   the generator states (CPU and, for CUDA inputs, the device's) before each F and G, on the tape of
@@ -142,10 +142,17 @@ class _Coupling:
 
 
 class _Tape:
-    """What one forward of a stack leaves for its backward: its couplings, in order, and the two streams
-    as they stand after coupling `top` (the last one not yet walked back)."""
+    """What one forward of a stack leaves for its backward: its input, its couplings in order, and the two
+    streams as they stand after coupling `top` (the last one not yet walked back).
 
-    def __init__(self):
+    The input is kept (one tensor when both streams start from the same one, as in every revvit model) so
+    the first block runs on its exact input rather than a reconstruction: at a stack's base a rounding
+    error would otherwise meet inputs that can be exactly zero (a sample whose stage transition was
+    dropped) and a LayerNorm there amplifies it by 1/sqrt(eps).
+    """
+
+    def __init__(self, x1: Tensor, x2: Tensor):
+        self.inputs = [x1.detach(), x2.detach()]
         self.couplings: list[_Coupling] = []
         self.streams: list[Tensor] = []
         self.top = -1
@@ -186,9 +193,9 @@ class _CouplingFunction(torch.autograd.Function):
             b = b.detach().requires_grad_(True)
             f = c.recompute(b)
             d_b, *d_params = torch.autograd.grad(f, [b, *ctx.params], d_out, allow_unused=True)
-        # ... then rebuild this coupling's input: a = out - fn(b)
+        # ... then rebuild this coupling's input: a = out - fn(b); the first coupling of each stream has it kept
         with torch.no_grad():
-            streams[c.target] = out - f
+            streams[c.target] = tape.inputs[c.target] if index == c.target else out - f
         streams[1 - c.target] = b.detach()
         tape.top = index - 1
         return (d_out, d_b, None, None, *d_params)
@@ -230,7 +237,7 @@ class ReversibleStack(nn.Module):
             for block in blocks:
                 x1, x2 = block(x1, x2)
             return x1, x2
-        tape = _Tape()
+        tape = _Tape(x1, x2)
         for block in blocks:
             mask = block.sample_mask(x1)  # one per-sample mask for F and G, drawn first as in block.forward
             x1 = _couple(tape, block.f, 0, mask, x1, x2)  # Y1 = X1 + F(X2)
