@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import Mlp, PatchEmbed3d, PoolingAttention, TokenClassifierMixin, pooled_grid
 from ..layers.pooling_attention import Grid
 from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack
-from .vit import MlpBranch, init_weights_official
+from .vit import MlpBranch, _cfg, init_weights_official, known_options
 
 __all__ = ["MViTConfig", "LayerSpec", "layer_layout", "RevMViT", "MViT", "checkpoint_filter_fn"]
 
@@ -356,11 +356,7 @@ def _config(cfg: Optional[MViTConfig], kwargs: dict) -> MViTConfig:
         if kwargs:
             raise TypeError(f"pass either cfg or keyword options, not both (got {sorted(kwargs)})")
         return cfg
-    names = {f.name for f in fields(MViTConfig)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise TypeError(f"MViTConfig got unknown option(s) {unknown}; known: {sorted(names)}")
-    return MViTConfig(**kwargs)
+    return MViTConfig(**known_options(MViTConfig, kwargs))
 
 
 class _MultiscaleBase(TokenClassifierMixin, nn.Module):
@@ -603,16 +599,6 @@ def checkpoint_filter_fn(state_dict: dict, model: RevMViT) -> dict:
 
 
 # -- registry -------------------------------------------------------------------------------------
-
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
-        **kwargs,
-    }
-
 
 def _video_cfg(**kwargs) -> dict:
     """timm's input_size is (C, H, W); the clip length is the model's `num_frames`."""

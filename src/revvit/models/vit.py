@@ -79,7 +79,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
 
     def __init__(self, cfg: Optional[RevViTConfig] = None, **kwargs):
         super().__init__()
-        cfg = cfg or RevViTConfig(**_known(RevViTConfig, kwargs))
+        cfg = cfg or RevViTConfig(**known_options(RevViTConfig, kwargs))
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
@@ -162,7 +162,7 @@ def drop_path_schedule(rate: float, depth: int) -> list[float]:
     return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [rate] * depth
 
 
-def _known(config_cls, kwargs: dict) -> dict:
+def known_options(config_cls, kwargs: dict) -> dict:
     """Keep the kwargs the config knows; refuse others by name so typos do not pass silently."""
     names = {f.name for f in fields(config_cls)}
     unknown = sorted(set(kwargs) - names)
