@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from .memory import measure_training_memory
+from .memory import measure_training_memory, training_step
 
 __all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "add_arguments",
            "main"]
@@ -37,10 +37,6 @@ class Result:
     step_seconds: float
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> None:
-    model(x).float().square().mean().backward()
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -58,7 +54,7 @@ def compare(candidates: list[Candidate], x: torch.Tensor, setting: str, steps: i
         for c in candidates:
             _sync(x.device)
             start = time.perf_counter()
-            _step(models[c.label], x)
+            training_step(models[c.label], x)
             _sync(x.device)
             times[c.label].append(time.perf_counter() - start)
     return [Result(c.label, setting, mem[c.label], statistics.median(times[c.label])) for c in candidates]

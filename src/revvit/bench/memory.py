@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryReport", "StorageMeter", "measure_training_memory", "track_peak_memory"]
+__all__ = ["MemoryReport", "StorageMeter", "measure_training_memory", "track_peak_memory", "training_step"]
 
 MB = 1024 ** 2
 
@@ -103,6 +103,15 @@ def _default_loss(output: Tensor, targets: Optional[Tensor]) -> Tensor:
     return F.cross_entropy(output.float(), targets)
 
 
+def training_step(model: nn.Module, inputs: Tensor, targets: Optional[Tensor] = None,
+                  loss_fn: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None,
+                  autocast_dtype: Optional[torch.dtype] = None) -> None:
+    """One forward (under autocast when `autocast_dtype` is given) and backward: what is measured and timed."""
+    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        output = model(inputs)
+    (loss_fn or _default_loss)(output, targets).backward()
+
+
 def measure_training_memory(model: nn.Module, inputs: Tensor, targets: Optional[Tensor] = None,
                             loss_fn: Optional[Callable[[Tensor, Optional[Tensor]], Tensor]] = None,
                             autocast_dtype: Optional[torch.dtype] = None) -> MemoryReport:
@@ -113,21 +122,14 @@ def measure_training_memory(model: nn.Module, inputs: Tensor, targets: Optional[
     left in train mode with zeroed gradients; its weights are not changed.
     """
     model.train()
-    device = inputs.device
-    loss_fn = loss_fn or _default_loss
-
-    def step() -> None:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            output = model(inputs)
-        loss_fn(output, targets).backward()
-
-    step()
+    step_args = (model, inputs, targets, loss_fn, autocast_dtype)
+    training_step(*step_args)
     for p in model.parameters():
         if p.grad is not None:
             p.grad.zero_()
-    with track_peak_memory(device) as result:
-        step()
+    with track_peak_memory(inputs.device) as result:
+        training_step(*step_args)
     for p in model.parameters():
         if p.grad is not None:
             p.grad.zero_()
-    return MemoryReport(result["peak_bytes"], inputs.shape[0], str(device))
+    return MemoryReport(result["peak_bytes"], inputs.shape[0], str(inputs.device))

@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Mlp, PatchEmbed3d, PoolingAttention, TokenClassifierMixin, pooled_grid
 from ..layers.pooling_attention import Grid
-from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack
+from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, records_graph
 from .vit import MlpBranch, _cfg, init_weights_official, known_options
 
 __all__ = ["MViTConfig", "LayerSpec", "layer_layout", "RevMViT", "MViT", "checkpoint_filter_fn"]
@@ -293,8 +293,7 @@ class StageTransition(nn.Module):
         self.recompute = True
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        if self.recompute and torch.is_grad_enabled() and (
-                x1.requires_grad or x2.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if self.recompute and records_graph(self, x1, x2):
             return checkpoint(self._forward, x1, x2, use_reentrant=False, preserve_rng_state=True)
         return self._forward(x1, x2)
 

@@ -1,4 +1,4 @@
 """The reversible engine: two-stream blocks and their memory-efficient backward. Knows nothing of vision."""
-from .engine import BACKPROP_MODES, ReversibleBlock, ReversibleStack
+from .engine import BACKPROP_MODES, ReversibleBlock, ReversibleStack, records_graph
 
-__all__ = ["BACKPROP_MODES", "ReversibleBlock", "ReversibleStack"]
+__all__ = ["BACKPROP_MODES", "ReversibleBlock", "ReversibleStack", "records_graph"]

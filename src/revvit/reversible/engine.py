@@ -37,7 +37,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES"]
+__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph"]
 
 BACKPROP_MODES = ("reversible", "autograd")
 
@@ -86,6 +86,12 @@ class _AutocastState:
         if not self.enabled:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
+
+
+def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
+    """Whether calling `module` on `inputs` now would build an autograd graph worth saving memory on."""
+    return torch.is_grad_enabled() and (any(x.requires_grad for x in inputs)
+                                        or any(p.requires_grad for p in module.parameters()))
 
 
 def _scale(x: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -224,16 +230,12 @@ class ReversibleStack(nn.Module):
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def _needs_reversible(self, x1: Tensor, x2: Tensor) -> bool:
-        if self.backprop != "reversible" or not torch.is_grad_enabled():
-            return False
-        return x1.requires_grad or x2.requires_grad or any(p.requires_grad for p in self.parameters())
 
     def forward(self, x1: Tensor, x2: Tensor, start: int = 0, stop: Optional[int] = None) -> tuple[Tensor, Tensor]:
         """Run blocks[start:stop] (all by default) as one reversible segment: of its activations only the
         segment's output is kept. Consecutive segments chain exactly (e.g. to take intermediate features)."""
         blocks = self.blocks[start:stop]
-        if not self._needs_reversible(x1, x2):
+        if self.backprop != "reversible" or not records_graph(self, x1, x2):
             for block in blocks:
                 x1, x2 = block(x1, x2)
             return x1, x2
