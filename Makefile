@@ -16,9 +16,11 @@ demo: $(STAMP)
 	$(BIN)/revvit train
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -n 2 tests
 
 test-all: $(STAMP)
+	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -n 2 --runslow tests
 
 bench: $(STAMP)
