@@ -50,18 +50,30 @@ def rel_error(got: list, want: list) -> float:
     return (diff.norm() / ref.norm()).item()
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 7])
-def test_fp64_gradients_equal_autograd_with_drop_path_and_dropout(depth):
+MODES = ["reversible", "parallel"]  # every memory-saving backprop mode, each checked against "autograd"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 7])
+def test_fp64_gradients_equal_autograd_with_drop_path_and_dropout(depth, mode):
     stack = make_stack(depth)
     x = torch.randn(4, 5, 8, dtype=torch.float64)
-    assert rel_error(run(stack, x, "reversible"), run(stack, x, "autograd")) < 1e-10
+    assert rel_error(run(stack, x, mode), run(stack, x, "autograd")) < 1e-10
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("depth", [1, 2, 3, 7])
-def test_fp32_gradients_equal_autograd(depth):
+def test_fp32_gradients_equal_autograd(depth, mode):
     stack = make_stack(depth, dtype=torch.float32)
     x = torch.randn(4, 5, 8)
-    assert rel_error(run(stack, x, "reversible"), run(stack, x, "autograd")) < 1e-5
+    assert rel_error(run(stack, x, mode), run(stack, x, "autograd")) < 1e-5
+
+
+def test_parallel_mode_runs_the_reversible_schedule_bit_for_bit_on_cpu():
+    stack = make_stack(5)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    got, want = run(stack, x, "parallel"), run(stack, x, "reversible")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_drop_path_actually_drops_samples_in_training():
@@ -101,10 +113,11 @@ def two_forwards_one_backward(stack, a, b, mode):
     return [p.grad for p in stack.parameters()]
 
 
-def test_two_forwards_then_one_backward_give_exact_gradients():
+@pytest.mark.parametrize("mode", MODES)
+def test_two_forwards_then_one_backward_give_exact_gradients(mode):
     stack = make_stack(4)
     a, b = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(3, 5, 8, dtype=torch.float64)
-    got = two_forwards_one_backward(stack, a, b, "reversible")
+    got = two_forwards_one_backward(stack, a, b, mode)
     want = two_forwards_one_backward(stack, a, b, "autograd")
     assert rel_error(got, want) < 1e-10
 
@@ -132,14 +145,28 @@ def test_frozen_stem_still_trains_the_blocks():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stack.parameters())
 
 
-def test_bf16_autocast_gradients_match_autograd_under_the_same_autocast():
+@pytest.mark.parametrize("mode", MODES)
+def test_bf16_autocast_gradients_match_autograd_under_the_same_autocast(mode):
     stack = make_stack(3, dim=32, dtype=torch.float32)
     x = torch.randn(4, 6, 32)
-    got = run(stack, x, "reversible", autocast=torch.bfloat16)
+    got = run(stack, x, mode, autocast=torch.bfloat16)
     want = run(stack, x, "autograd", autocast=torch.bfloat16)
     assert rel_error(got, want) < 1e-3  # the recomputation repeats the forward's bf16 rounding
     fp32 = run(stack, x, "autograd")
     assert rel_error(want, fp32) > 1e-3  # so the comparison is really made in bf16
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_bf16_input_under_autocast_is_carried_and_inverted_in_the_parameters_precision(mode):
+    # e.g. a Rev-MViT stage transition's bf16 output entering the next reversible run
+    stack = make_stack(4, dim=32, dtype=torch.float32)
+    x = torch.randn(4, 6, 32).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = stack(x, x)
+    assert y1.dtype == y2.dtype == torch.float32
+    got = run(stack, x, mode, autocast=torch.bfloat16)
+    want = run(stack, x, "autograd", autocast=torch.bfloat16)
+    assert rel_error(got, want) < 1e-5  # streams inverted in bf16 would be off by ~1e-2
 
 
 def test_no_grad_forward_is_plain_and_keeps_nothing():
@@ -180,11 +207,12 @@ def test_activation_memory_does_not_grow_with_depth():
     x = torch.randn(8, 32, 64)
     peak = {}
     for depth in (2, 8):
-        for mode in ("reversible", "autograd"):
+        for mode in ("reversible", "parallel", "autograd"):
             model = Stacked(depth)
             model.stack.set_backprop(mode)
             peak[depth, mode] = measure_training_memory(model, x).peak_bytes
     assert peak[8, "reversible"] <= peak[2, "reversible"] * 1.05
+    assert peak[8, "parallel"] <= peak[2, "parallel"] * 1.05
     assert peak[8, "autograd"] > peak[2, "autograd"] * 2.5
 
 
@@ -203,26 +231,29 @@ def test_second_backward_through_the_same_graph_says_what_to_do():
         loss.backward()
 
 
-def test_a_stream_that_reaches_no_loss_still_gives_exact_gradients():
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stream_that_reaches_no_loss_still_gives_exact_gradients(mode):
     stack = make_stack(3)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     grads = {}
-    for mode in ("reversible", "autograd"):
+    for mode in (mode, "autograd"):
         stack.set_backprop(mode)
         stack.zero_grad(set_to_none=True)
         torch.manual_seed(2)
         y1, _ = stack(x, x)  # the last G's output is unused: its backward never runs
         y1.square().sum().backward()
         grads[mode] = [p.grad for p in stack.parameters()]
-    assert [g is None for g in grads["reversible"]] == [g is None for g in grads["autograd"]]
+    saving = next(m for m in grads if m != "autograd")
+    assert [g is None for g in grads[saving]] == [g is None for g in grads["autograd"]]
     assert any(g is None for g in grads["autograd"])  # the last G really got no gradient
-    used = [(r, a) for r, a in zip(grads["reversible"], grads["autograd"]) if a is not None]
+    used = [(r, a) for r, a in zip(grads[saving], grads["autograd"]) if a is not None]
     assert rel_error([r for r, _ in used], [a for _, a in used]) < 1e-10
 
 
-def test_parameters_shared_by_f_and_g_get_the_sum_of_both_gradients():
+@pytest.mark.parametrize("mode", MODES)
+def test_parameters_shared_by_f_and_g_get_the_sum_of_both_gradients(mode):
     torch.manual_seed(0)
     shared = Branch(8).double()
     stack = ReversibleStack([ReversibleBlock(shared, shared, 0.2), ReversibleBlock(Branch(8), shared, 0.2)]).double()
     x = torch.randn(3, 5, 8, dtype=torch.float64)
-    assert rel_error(run(stack, x, "reversible"), run(stack, x, "autograd")) < 1e-10
+    assert rel_error(run(stack, x, mode), run(stack, x, "autograd")) < 1e-10
