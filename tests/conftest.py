@@ -7,11 +7,12 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
+    skip_gpu = pytest.mark.skip(reason="gpu: needs CUDA (run pytest -m gpu on a GPU machine)")
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
     for item in items:
-        if "slow" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
 
 
