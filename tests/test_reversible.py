@@ -257,3 +257,22 @@ def test_parameters_shared_by_f_and_g_get_the_sum_of_both_gradients(mode):
     stack = ReversibleStack([ReversibleBlock(shared, shared, 0.2), ReversibleBlock(Branch(8), shared, 0.2)]).double()
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     assert rel_error(run(stack, x, mode), run(stack, x, "autograd")) < 1e-10
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_flop_counter_counts_a_reversible_step_as_autograd_plus_one_forward(mode):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stack = make_stack(3, dtype=torch.float32)
+    x = torch.randn(4, 5, 8, requires_grad=True)
+
+    def flops(m: str, backward: bool = True) -> int:
+        stack.set_backprop(m)
+        with FlopCounterMode(display=False) as counter:
+            y1, y2 = stack(x, x)
+            if backward:
+                (y1 + y2).sum().backward()
+        return counter.get_total_flops()
+
+    forward = flops("autograd", backward=False)
+    assert forward > 0 and flops(mode) == flops("autograd") + forward

@@ -284,6 +284,10 @@ class _Record:
 
     def recompute(self, b: Tensor) -> Tensor:
         """DropPath(fn(b)) with the forward's random draws and autocast state."""
+        if b.requires_grad and b.is_leaf:
+            # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
+            # module tracker) may not be given a leaf while autograd.grad runs
+            b = b.view_as(b)
         with (self.rng.replay() if self.rng is not None else nullcontext()), self.autocast.enter():
             return _drop(self.fn(b), self.mask)
 
