@@ -21,7 +21,7 @@ files and leaves a larger one (ImageNet, Kinetics train) to the load-time substi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,15 +35,15 @@ from .transforms import image_eval_transform, image_train_transform, norm_stats
 from .video import (VideoClipDataset, VideoViewsDataset, find_video_lists, lists_images, read_class_names,
                     read_video_list, verify_video)
 
-__all__ = ["DataSpec", "DataBundle", "build_datasets"]
+__all__ = ["DataOptions", "DataSpec", "DataBundle", "build_datasets"]
 
 BUILTIN = ("digits", "digits-video")
 
 
-@dataclass
-class DataSpec:
-    """What to load and how to transform it. See the module docstring for `path`."""
-    path: Optional[str] = None
+@dataclass(kw_only=True)
+class DataOptions:
+    """How to sample and transform the data: the settings a training config shares with `DataSpec`
+    (`revvit.train.TrainConfig` inherits them, so a recipe sets them by these names)."""
     img_size: int = 224
     in_chans: int = 3
     num_frames: int = 16  # video: frames per clip
@@ -55,10 +55,22 @@ class DataSpec:
     reprob: float = 0.25  # random erasing probability (images; video lists: one box through all frames)
     test_clips: int = 5  # video eval: uniformly spaced temporal clips
     test_crops: int = 1  # video eval: 1 (center) or 3 (left/center/right) spatial crops
+
+
+@dataclass
+class DataSpec(DataOptions):
+    """What to load (see the module docstring for `path`) and how to transform it (the `DataOptions`,
+    keyword-only: `DataSpec(path, img_size=32)`)."""
+    path: Optional[str] = None
     mean: tuple = IMAGENET_DEFAULT_MEAN
     std: tuple = IMAGENET_DEFAULT_STD
     verify: Optional[bool] = None  # open every file up front, dropping unreadable ones; None: if <= 20,000
     seed: int = 0  # digits: the held-out split and the val clips
+
+    @classmethod
+    def with_options(cls, options: DataOptions, **spec) -> "DataSpec":
+        """A spec taking every `DataOptions` field from `options` (a TrainConfig, say), the rest from `spec`."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(DataOptions)}, **spec)
 
 
 @dataclass

@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ..data import DataOptions
+
 __all__ = ["TrainConfig", "ConfigError", "LR_REFERENCE_BATCH", "load_config", "apply_overrides", "DEFAULT_CONFIG",
            "DIGITS_VIDEO_CONFIG"]
 
@@ -36,24 +38,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataOptions):
     # -- model: timm.create_model(model, num_classes=<data>, img_size=<data>, in_chans=<data>,
     #    drop_path_rate=drop_path, **model_kwargs)
     model: str = "rev_vit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     drop_path: float = 0.0
     backprop: str = "reversible"  # "reversible" (recompute activations) or "autograd" (store them)
-    # -- data: see revvit.data.DataSpec
+    # -- data: the source here; how it is sampled and transformed (img_size, in_chans, num_frames,
+    #    sampling_rate, train_aug, auto_augment, reprob, test_clips, test_crops) from revvit.data.DataOptions
     data: str = "digits"
-    img_size: int = 224
-    in_chans: int = 3
-    num_frames: int = 16
-    sampling_rate: int = 4
-    train_aug: bool = True
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    test_clips: int = 5
-    test_crops: int = 1
     num_workers: int = 2
     verify_data: Optional[bool] = None  # open every file up front: true, false, none = if a split has <= 20,000
     # -- optimisation: AdamW, cosine schedule after linear warmup, stepped every optimiser step
