@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_format import write_pyth
 from safetensors.torch import load_file
 
+from official_format import write_pyth
 from revvit.cli import main
 from revvit.interop import read_metadata
 from revvit.models import RevViT

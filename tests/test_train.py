@@ -13,15 +13,23 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from fixtures import write_corrupt, write_image_folder, write_video_list
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 import revvit  # noqa: F401
+from fixtures import write_corrupt, write_image_folder, write_video_list
 from revvit.data import build_datasets
 from revvit.data import common as data_common
-from revvit.train import ConfigError, TrainError, TrainingDiverged, apply_overrides, evaluate_checkpoint, fit, load_config
+from revvit.train import (
+    ConfigError,
+    TrainError,
+    TrainingDiverged,
+    apply_overrides,
+    evaluate_checkpoint,
+    fit,
+    load_config,
+)
 from revvit.train import checkpoint as ckpt
 from revvit.train.config import DEFAULT_CONFIG, DIGITS_VIDEO_CONFIG, TrainConfig, from_dict
 from revvit.train.optim import build_optimizer, build_scheduler
@@ -86,7 +94,8 @@ def test_recipes_reproduce_the_official_absolute_learning_rates():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.batch_size == batch and cfg.effective_lr == pytest.approx(lr), name
         assert (cfg.weight_decay, cfg.clip_grad, cfg.drop_path) == (wd, clip, dp), name
-        assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.reprob, cfg.betas) == (0.8, 1.0, 0.1, 0.25, [0.9, 0.999])
+        assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.reprob, cfg.betas) == \
+            (0.8, 1.0, 0.1, 0.25, [0.9, 0.999])
     assert load_config(CONFIGS / "rev_mvit_base_16x4.yaml").repeated_aug == 2
 
 
@@ -157,7 +166,8 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
 
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_used(tmp_path):
     for step in (1, 2):
-        ckpt.atomic_save({"model": {"w": torch.full((3,), float(step))}, "global_step": step}, tmp_path / f"ckpt_{step:08d}.pt")
+        ckpt.atomic_save({"model": {"w": torch.full((3,), float(step))}, "global_step": step},
+                         tmp_path / f"ckpt_{step:08d}.pt")
     newest = tmp_path / "ckpt_00000002.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     messages = []
@@ -201,7 +211,8 @@ def test_digits_run_learns_and_writes_its_records(tmp_path):
     model, _ = ckpt.load_model(tmp_path / "model.safetensors")
     saved = torch.load(ckpt.list_checkpoints(tmp_path)[0], weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    assert evaluate_checkpoint(tmp_path / "model.safetensors", "digits", device="cpu")["top1"] == pytest.approx(summary["val_top1"])
+    top1 = evaluate_checkpoint(tmp_path / "model.safetensors", "digits", device="cpu")["top1"]
+    assert top1 == pytest.approx(summary["val_top1"])
 
 
 def test_image_folder_train_then_eval_with_a_corrupt_file(tmp_path):

@@ -15,8 +15,8 @@ import functools
 import json
 import sys
 import time
-from pathlib import Path
 from dataclasses import asdict
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 TRAIN_EPILOG = """\

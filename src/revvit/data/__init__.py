@@ -32,8 +32,15 @@ from .common import find_unreadable, should_verify, warn_skipped
 from .digits import DIGIT_CLASSES, DigitsImages, DigitsVideo, digits_split
 from .folders import ImageFolderDataset, load_image_folder
 from .transforms import image_eval_transform, image_train_transform, norm_stats
-from .video import (VideoClipDataset, VideoViewsDataset, find_video_lists, lists_images, read_class_names,
-                    read_video_list, verify_video)
+from .video import (
+    VideoClipDataset,
+    VideoViewsDataset,
+    find_video_lists,
+    lists_images,
+    read_class_names,
+    read_video_list,
+    verify_video,
+)
 
 __all__ = ["DataOptions", "DataSpec", "DataBundle", "build_datasets"]
 
@@ -168,13 +175,13 @@ def _video_lists(spec: DataSpec, root: Path, lists: dict, splits, mean, std) -> 
     if names is not None:
         num_classes = len(names)
     else:  # the largest label + 1, over the train list too when only val is built (its text: no video is opened)
-        labels = [l for s in samples.values() for _, l in s]
+        labels = [label for s in samples.values() for _, label in s]
         if "train" not in samples:
             train_list = find_video_lists(root)
-            labels += [l for _, l in read_video_list(train_list["train"])] if train_list else []
+            labels += [label for _, label in read_video_list(train_list["train"])] if train_list else []
         num_classes = 1 + max(labels, default=-1)
     for split, items in samples.items():
-        out = [(p, l) for p, l in items if l >= num_classes]
+        out = [(p, label) for p, label in items if label >= num_classes]
         if out:
             raise ValueError(f"{lists[split]}: label {out[0][1]} ({out[0][0]}) is out of range for "
                              f"{num_classes} classes in {root / 'classes.txt'}; labels are 0..{num_classes - 1}")
@@ -183,7 +190,7 @@ def _video_lists(spec: DataSpec, root: Path, lists: dict, splits, mean, std) -> 
         if should_verify(spec.verify, len(samples[split])):
             bad = set(find_unreadable([p for p, _ in samples[split]], verify_video))
             skipped += [p for p, _ in samples[split] if p in bad]
-            samples[split] = [(p, l) for p, l in samples[split] if p not in bad]
+            samples[split] = [(p, label) for p, label in samples[split] if p not in bad]
         else:
             unchecked[split] = len(samples[split])
         if not samples[split]:

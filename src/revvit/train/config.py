@@ -85,10 +85,12 @@ class TrainConfig(DataOptions):
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.backprop in ("reversible", "autograd"), f"backprop must be 'reversible' or 'autograd', got {self.backprop!r}")
+        need(self.backprop in ("reversible", "autograd"),
+             f"backprop must be 'reversible' or 'autograd', got {self.backprop!r}")
         need(self.amp in (None, "bf16", "fp16"), f"amp must be bf16, fp16 or none, got {self.amp!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("epochs", "batch_size", "img_size", "in_chans", "num_frames", "keep_last", "eval_every", "repeated_aug"):
+        for name in ("epochs", "batch_size", "img_size", "in_chans", "num_frames", "keep_last", "eval_every",
+                     "repeated_aug"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps_per_epoch", "ckpt_every_steps", "num_workers", "threads", "warmup_epochs",
                      "weight_decay", "mixup", "cutmix", "min_lr", "warmup_lr", "drop_path"):
@@ -96,7 +98,8 @@ class TrainConfig(DataOptions):
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(0 <= self.reprob <= 1, f"reprob must be in [0, 1], got {self.reprob}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or none, got {self.clip_grad}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         return self

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from timm.loss import SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from .. import interop
 from ..bench.memory import memory_table
 from ..data import DataBundle, build_datasets
-from ..data.common import VERIFY_MAX_FILES
+from ..data import common as data_common
 from ..io import atomic_write
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -66,11 +67,11 @@ class Run:
     model_kwargs: dict  # what create_run_model built it with: recorded to rebuild it
     ema: Optional[ModelEmaV3]
     optimizer: torch.optim.Optimizer
-    scheduler: Any  # timm CosineLRScheduler, stepped per optimiser step
+    scheduler: CosineLRScheduler  # stepped per optimiser step (step_update)
     scaler: torch.amp.GradScaler
     criterion: nn.Module
     mix: Optional[Callable]
-    sampler: Any
+    sampler: Any  # DistributedSampler, or timm's RepeatAugSampler
     per_rank: int  # batch per process
     steps_per_epoch: int
     t_start: float
@@ -116,7 +117,7 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
             + (" ..." if len(data.skipped) > 5 else ""))
     if data.unchecked and cfg.verify_data is None:
         splits = " and ".join(f"{n:,} {split}" for split, n in data.unchecked.items())
-        say(f"not opening the {splits} files up front (more than {VERIFY_MAX_FILES:,} in a split; "
+        say(f"not opening the {splits} files up front (more than {data_common.VERIFY_MAX_FILES:,} in a split; "
             "verify_data=true forces it): an unreadable file is skipped, with a warning, when it is loaded")
     model, model_kwargs = create_run_model(cfg, data.num_classes, data.img_size, data.in_chans,
                                            data.num_frames if data.kind == "video" else None)
