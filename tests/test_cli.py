@@ -1,4 +1,5 @@
-"""The `revvit` command: argument handling, error messages, eval output, exact resume after SIGKILL."""
+"""The `revvit` command: argument handling, error messages, eval, bench and convert output, exact resume after
+SIGKILL."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from official_format import write_pyth
 from revvit.cli import main
+from revvit.interop import read_metadata
+from revvit.models import RevViT
 
 TINY = ["model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "img_size=16", "in_chans=1",
         "memory_table=false", "progress=false", "num_workers=0", "threads=1"]
@@ -45,11 +49,16 @@ def test_key_value_overrides_may_stand_between_and_after_flags(capsys, tmp_path)
     assert "unknown config key 'epoch'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--output", str(tmp_path), "--no-such-flag"])
+    # the overrides before, between and after the flags all reach the run
+    out = tmp_path / "run"
+    assert main(["train", "seed=7", "--epochs", "1", "steps_per_epoch=2", "--output", str(out), *TINY,
+                 "eval_every=1", "mixup=0", "cutmix=0"]) == 0
+    config = read_metadata(out / "model.safetensors")["config"]
+    assert (config["seed"], config["steps_per_epoch"], config["epochs"], config["mixup"]) == (7, 2, 1, 0.0)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
 def test_train_takes_rev_mvit_tiny_on_the_digits_default(tmp_path):
-    from revvit.interop import read_metadata
-
     assert main(["train", "--model", "rev_mvit_tiny", "--img-size", "32", "--epochs", "1", "--output", str(tmp_path),
                  "steps_per_epoch=3", "memory_table=false", "progress=false", "threads=1"]) == 0
     meta = read_metadata(tmp_path / "model.safetensors")
@@ -76,6 +85,27 @@ def test_eval_prints_top1_and_top5(capsys, tmp_path):
 def test_eval_of_a_missing_checkpoint_fails_clearly(capsys, tmp_path):
     assert main(["eval", "--checkpoint", str(tmp_path / "none.pt"), "--data", "digits"]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_convert_writes_safetensors_and_refuses_to_overwrite(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = RevViT(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5).eval()
+    src, dst = write_pyth(tmp_path / "m.pyth", model), tmp_path / "o.safetensors"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert f"wrote {dst}: RevViT" in capsys.readouterr().out and read_metadata(dst)["source"] == "m.pyth"
+    assert main(["convert", str(src), str(dst)]) == 1 and "revvit convert: error:" in capsys.readouterr().err
+    assert main(["convert", str(src), str(dst), "--force"]) == 0
+
+
+def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
+    assert main(["bench", "--size", "tiny", "--depths", "1", "--img-size", "32", "--batch-size", "2", "--steps", "1",
+                 "--device", "cpu", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "measuring depth 1" in out and "| rev_vit_tiny_patch16_224 reversible | depth 1 |" in out
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["label"] for r in rows][-1] == "timm vit_tiny_patch16_224 + checkpointing" and len(rows) == 4
+    with pytest.raises(SystemExit):
+        main(["bench", "--depths", "12,x"])
 
 
 def _revvit(out: Path, *extra: str) -> list[str]:

@@ -12,18 +12,28 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 import revvit  # noqa: F401
-from revvit.train import ConfigError, TrainError, TrainingDiverged, apply_overrides, fit, load_config
-from revvit.train import checkpoint as ckpt
-from revvit.train.config import DEFAULT_CONFIG, DIGITS_VIDEO_CONFIG, LR_REFERENCE_BATCH, TrainConfig, from_dict
-from revvit.data import common as data_common
-from revvit.train.loop import data_spec, evaluate_checkpoint
-from revvit.train.optim import build_optimizer, lr_factor, param_groups
-
 from fixtures import write_corrupt, write_image_folder, write_video_list
+from revvit.data import build_datasets
+from revvit.data import common as data_common
+from revvit.train import (
+    ConfigError,
+    TrainError,
+    TrainingDiverged,
+    apply_overrides,
+    evaluate_checkpoint,
+    fit,
+    load_config,
+)
+from revvit.train import checkpoint as ckpt
+from revvit.train.config import DEFAULT_CONFIG, DIGITS_VIDEO_CONFIG, TrainConfig, from_dict
+from revvit.train.optim import build_optimizer, build_scheduler
+from revvit.train.parts import data_spec
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -84,9 +94,9 @@ def test_recipes_reproduce_the_official_absolute_learning_rates():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.batch_size == batch and cfg.effective_lr == pytest.approx(lr), name
         assert (cfg.weight_decay, cfg.clip_grad, cfg.drop_path) == (wd, clip, dp), name
-        assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.reprob, cfg.betas) == (0.8, 1.0, 0.1, 0.25, [0.9, 0.999])
+        assert (cfg.mixup, cfg.cutmix, cfg.label_smoothing, cfg.reprob, cfg.betas) == \
+            (0.8, 1.0, 0.1, 0.25, [0.9, 0.999])
     assert load_config(CONFIGS / "rev_mvit_base_16x4.yaml").repeated_aug == 2
-    assert LR_REFERENCE_BATCH == 512
 
 
 def test_digits_yaml_is_the_embedded_default():
@@ -104,22 +114,39 @@ def test_no_weight_decay_on_biases_norms_and_pos_embed():
     import timm
 
     model = timm.create_model("rev_vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    decay, no_decay = param_groups(model, 0.05)
+    opt = build_optimizer(model, tiny("lr=1e-3", "batch_size=256", "weight_decay=0.05"))
+    decay, no_decay = sorted(opt.param_groups, key=lambda g: -g["weight_decay"])
     names = {id(p): n for n, p in model.named_parameters()}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert "pos_embed" in exempt and "norm.weight" in exempt and "head.bias" in exempt
     assert all(names[id(p)].endswith("weight") and p.ndim > 1 for p in decay["params"])
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
-    opt = build_optimizer(model, tiny("lr=1e-3", "batch_size=256"))
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4)  # linear scaling: 1e-3 x 256/512
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine():
-    assert lr_factor(0, 10, 110, 0.0, 0.01) == 0.0
-    assert lr_factor(5, 10, 110, 0.0, 0.01) == pytest.approx(0.5)
-    assert lr_factor(10, 10, 110, 0.0, 0.01) == pytest.approx(1.0)
-    assert lr_factor(60, 10, 110, 0.0, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
-    assert lr_factor(110, 10, 110, 0.0, 0.01) == pytest.approx(0.01)
+    # The Rev-ViT-S recipe at 10 optimiser steps per epoch: 300 epochs, 70 of warmup, 5e-4 at 512 images.
+    cfg = load_config(CONFIGS / "rev_vit_small.yaml")
+    warmup, total = 700, 3000
+    scheduler = build_scheduler(build_optimizer(nn.Linear(4, 4), cfg), cfg, steps_per_epoch=10)
+
+    def lr_before(step: int) -> float:  # the lr the optimiser uses for step `step` (0-based)
+        if step:
+            scheduler.step_update(step)
+        return {g["lr"] for g in scheduler.optimizer.param_groups}.pop()  # one lr for every group
+
+    assert lr_before(0) == pytest.approx(cfg.warmup_lr)
+    assert lr_before(warmup // 2) == pytest.approx((cfg.warmup_lr + 5e-4) / 2)
+    assert lr_before(warmup) == pytest.approx(5e-4)  # the official absolute rate at the end of warmup
+    assert lr_before((warmup + total) // 2) == pytest.approx(cfg.min_lr + (5e-4 - cfg.min_lr) / 2)
+    assert lr_before(total) == pytest.approx(cfg.min_lr)
+    # the state in the checkpoint restores the position exactly
+    again = build_scheduler(build_optimizer(nn.Linear(4, 4), cfg), cfg, steps_per_epoch=10)
+    again.load_state_dict(scheduler.state_dict())
+    again.step_update(1234)
+    scheduler.step_update(1234)
+    assert again.optimizer.param_groups[0]["lr"] == scheduler.optimizer.param_groups[0]["lr"]
 
 
 # -- checkpoints --------------------------------------------------------------------------------------
@@ -139,7 +166,8 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tmp_path):
 
 def test_corrupt_newest_checkpoint_is_named_and_the_previous_used(tmp_path):
     for step in (1, 2):
-        ckpt.atomic_save({"model": {"w": torch.full((3,), float(step))}, "global_step": step}, tmp_path / f"ckpt_{step:08d}.pt")
+        ckpt.atomic_save({"model": {"w": torch.full((3,), float(step))}, "global_step": step},
+                         tmp_path / f"ckpt_{step:08d}.pt")
     newest = tmp_path / "ckpt_00000002.pt"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
     messages = []
@@ -183,7 +211,8 @@ def test_digits_run_learns_and_writes_its_records(tmp_path):
     model, _ = ckpt.load_model(tmp_path / "model.safetensors")
     saved = torch.load(ckpt.list_checkpoints(tmp_path)[0], weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    assert evaluate_checkpoint(tmp_path / "model.safetensors", "digits", device="cpu")["top1"] == pytest.approx(summary["val_top1"])
+    top1 = evaluate_checkpoint(tmp_path / "model.safetensors", "digits", device="cpu")["top1"]
+    assert top1 == pytest.approx(summary["val_top1"])
 
 
 def test_image_folder_train_then_eval_with_a_corrupt_file(tmp_path):
@@ -225,8 +254,21 @@ def test_video_train_then_eval_averages_views(tmp_path):
                "num_frames=4", "sampling_rate=2", "test_clips=2", "epochs=1", "batch_size=2", "lr=0.01")
     summary = fit(cfg, tmp_path / "run")
     assert summary["steps"] == 3
-    m = evaluate_checkpoint(tmp_path / "run" / "model.safetensors", str(lists), batch_size=4, device="cpu")
+    weights = tmp_path / "run" / "model.safetensors"
+    m = evaluate_checkpoint(weights, str(lists), batch_size=4, device="cpu")
     assert m["count"] == 6 and 0 <= m["top1"] <= 100
+    # by hand: each video's score is the mean of its views' softmax
+    model, _ = ckpt.load_model(weights)
+    val = build_datasets(data_spec(cfg), splits=("val",)).val
+    with torch.no_grad():
+        views = [model(val[i][0]).softmax(-1) for i in range(len(val))]  # (V, classes), V = 2 clips
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    assert all(v.shape[0] == 2 for v in views)
+    mean = torch.stack([v.mean(0) for v in views])
+    assert m["loss"] == pytest.approx(F.nll_loss(mean.log(), labels).item(), rel=1e-5)
+    assert m["top1"] == pytest.approx(100 * (mean.argmax(-1) == labels).float().mean().item())
+    first_view_only = torch.stack([v[0] for v in views])
+    assert m["loss"] != pytest.approx(F.nll_loss(first_view_only.log(), labels).item(), rel=1e-5)
 
 
 def test_bf16_autocast_trains(tmp_path):

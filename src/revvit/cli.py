@@ -1,4 +1,5 @@
-"""The `revvit` command. Parses arguments, then calls revvit.train; nothing imports this module.
+"""The `revvit` command: all argument parsing and error printing, then plain calls into revvit.train,
+revvit.bench and revvit.interop. Nothing imports this module.
 
     revvit train                                  the embedded default: small Rev-ViT on digits, ~1-2 min on CPU
     revvit train --config configs/rev_vit_small.yaml --data /data/imagenet --output runs/s [key=value ...]
@@ -10,10 +11,13 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 TRAIN_EPILOG = """\
 Any config field can be set as key=value after the options (typed by the field: ints, floats, true/false,
@@ -28,10 +32,27 @@ Resume: rerun the same command with --resume; the newest checkpoint in --output 
 """
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="revvit", description="Reversible Vision Transformers: train and evaluate.")
-    sub = p.add_subparsers(dest="command", required=True)
+def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's handler that prints the errors a user can fix (no traceback) and returns 1 for them."""
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from .io import CheckpointError  # the package is imported only once a command runs: `--help` stays fast
+        from .train import ConfigError, TrainError
 
+        try:
+            return handler(args)
+        except (ConfigError, TrainError, CheckpointError, FileNotFoundError) as e:
+            print(f"revvit {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"revvit {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+# -- train ---------------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="train a model (no arguments: the digits demo)", epilog=TRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", help="YAML recipe (configs/*.yaml); default: the built-in digits demo")
@@ -47,26 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, help="learning rate per 512 images (scaled by batch_size/512)")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
-
-    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset's val split")
-    e.add_argument("--checkpoint", required=True, help="a .pt checkpoint or model.safetensors from `revvit train`, "
-                   "or any file revvit.load reads (official SlowFast .pyth)")
-    e.add_argument("--data", required=True)
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--amp", choices=["bf16", "fp16"])
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-
-    from .bench.benchmark import add_arguments as add_bench_arguments
-    from .interop import add_convert_subcommand
-
-    b = sub.add_parser("bench", help="activation memory and step time: reversible vs autograd vs checkpointing")
-    add_bench_arguments(b)
-    add_convert_subcommand(sub)
-    return p
+    t.set_defaults(func=_train)
 
 
-def _train(args) -> int:
+@_command
+def _train(args: argparse.Namespace) -> int:
     from .train import apply_overrides, fit, load_config
 
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -84,7 +90,21 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
+# -- eval ----------------------------------------------------------------------------------------------
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a dataset's val split")
+    e.add_argument("--checkpoint", required=True, help="a .pt checkpoint or model.safetensors from `revvit train`, "
+                   "or any file revvit.load reads (official SlowFast .pyth)")
+    e.add_argument("--data", required=True)
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--amp", choices=["bf16", "fp16"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.set_defaults(func=_eval)
+
+
+@_command
+def _eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
     m = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.amp)
@@ -93,6 +113,83 @@ def _eval(args) -> int:
         line += f"  top-5 {m['top5']:.2f}%"
     print(line)
     return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------------
+def _depths(text: str) -> list[int]:
+    try:
+        depths = [int(d) for d in text.split(",")]
+    except ValueError:
+        depths = []
+    if not depths or min(depths) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated depths >= 1, e.g. 12,24; got {text!r}")
+    return depths
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("bench", help="activation memory and step time: reversible vs autograd vs checkpointing")
+    b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video"],
+                   help="vit: Rev-ViT vs timm ViT (+checkpointing) at several depths; mvit: Rev-MViT-B vs "
+                        "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4 (default: vit)")
+    b.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
+                   help="ViT size for --family vit (default: small, the paper's Rev-ViT-S)")
+    b.add_argument("--depths", type=_depths, default=[12, 24],
+                   help="comma-separated depths for --family vit (default: 12,24)")
+    b.add_argument("--batch-size", type=int, default=None, help="default: 4 (vit), 2 (mvit), 1 (mvit-video)")
+    b.add_argument("--img-size", type=int, default=None, help="default: 224 (112 for mvit-video)")
+    b.add_argument("--num-frames", type=int, default=8, help="clip length for mvit-video (default: 8)")
+    b.add_argument("--steps", type=int, default=3, help="timed steps per candidate (median)")
+    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.set_defaults(func=_bench)
+
+
+@_command
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, run_benchmark
+
+    results = run_benchmark(family=args.family, size=args.size, depths=args.depths, batch_size=args.batch_size,
+                            img_size=args.img_size, num_frames=args.num_frames, steps=args.steps, device=args.device,
+                            log=lambda msg: print(msg, flush=True))
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+    return 0
+
+
+# -- convert -------------------------------------------------------------------------------------------
+def add_convert_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="convert an official SlowFast checkpoint (.pyth) to .safetensors",
+                       description="Load an official Rev-ViT / Rev-MViT checkpoint exactly and write revvit "
+                                   "weights plus metadata (model name and kwargs) as .safetensors.")
+    p.add_argument("src", help="official checkpoint, e.g. REV_VIT_S.pyth")
+    p.add_argument("dst", help="output file, ending in .safetensors")
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=run_convert)
+    return p
+
+
+@_command
+def run_convert(args: argparse.Namespace) -> int:
+    from .interop import convert, model_spec
+
+    model = convert(args.src, args.dst, overwrite=args.force)
+    name, kwargs = model_spec(model)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.dst}: {type(model).__name__} ({n / 1e6:.1f}M parameters, {kwargs['num_classes']} classes), "
+          f"timm name {name}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="revvit", description="Reversible Vision Transformers: train and evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_bench(sub)
+    add_convert_parser(sub)
+    return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -104,25 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra = [e for e in extra if e not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "bench":
-        from .bench.benchmark import main as bench
-
-        bench(args)
-        return 0
-    if args.command == "convert":
-        return args.func(args)
-    from .interop import CheckpointError as InteropError
-    from .train import ConfigError, TrainError
-    from .train.checkpoint import CheckpointError
-
-    try:
-        return {"train": _train, "eval": _eval}[args.command](args)
-    except (ConfigError, TrainError, CheckpointError, InteropError, FileNotFoundError) as e:
-        print(f"revvit {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"revvit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return args.func(args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`revvit bench`: memory and step time of reversible vs autograd vs activation checkpointing, in one run.
+"""Memory and step time of reversible vs autograd vs activation checkpointing, in one run.
 
 Every figure is a ratio taken within one process on one machine: peak activation memory per sample
 (:func:`measure_training_memory`) and the median wall time of a forward+backward step, the candidates
@@ -6,12 +6,10 @@ timed round-robin so that machine drift hits them alike.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import timm
 import torch
@@ -19,8 +17,7 @@ from torch import nn
 
 from .memory import measure_training_memory, training_step
 
-__all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "add_arguments",
-           "main"]
+__all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "run_benchmark"]
 
 
 @dataclass
@@ -104,43 +101,30 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video"],
-                        help="vit: Rev-ViT vs timm ViT (+checkpointing) at several depths; mvit: Rev-MViT-B vs "
-                             "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4 (default: vit)")
-    parser.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
-                        help="ViT size for --family vit (default: small, the paper's Rev-ViT-S)")
-    parser.add_argument("--depths", default="12,24", help="comma-separated depths for --family vit (default: 12,24)")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="default: 4 (vit), 2 (mvit), 1 (mvit-video)")
-    parser.add_argument("--img-size", type=int, default=None, help="default: 224 (112 for mvit-video)")
-    parser.add_argument("--num-frames", type=int, default=8, help="clip length for mvit-video (default: 8)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per candidate (median)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-
-
-def main(args: argparse.Namespace) -> list[Result]:
-    device = torch.device(args.device)
-    video = args.family == "mvit-video"
-    batch = args.batch_size or {"vit": 4, "mvit": 2, "mvit-video": 1}[args.family]
-    img_size = args.img_size or (112 if video else 224)
+def run_benchmark(family: str = "vit", size: str = "small", depths: Sequence[int] = (12, 24),
+                  batch_size: Optional[int] = None, img_size: Optional[int] = None, num_frames: int = 8,
+                  steps: int = 3, device: Optional[str] = None, log: Callable[[str], None] = print) -> list[Result]:
+    """Compare the candidates of `family` ("vit": Rev-ViT vs timm's ViT (+checkpointing) at each of `depths`;
+    "mvit" / "mvit-video": Rev-MViT-B vs MViT-B, image / 16x4 video) on one random batch; `log` hears the
+    progress and what was measured. Defaults: batch 4 / 2 / 1, img_size 224 (112 for video), device cuda
+    when available."""
+    if family not in ("vit", "mvit", "mvit-video"):
+        raise ValueError(f"family must be vit, mvit or mvit-video, got {family!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    video = family == "mvit-video"
+    batch = batch_size or {"vit": 4, "mvit": 2, "mvit-video": 1}[family]
+    img_size = img_size or (112 if video else 224)
     torch.manual_seed(0)
-    shape = (batch, 3, args.num_frames, img_size, img_size) if video else (batch, 3, img_size, img_size)
+    shape = (batch, 3, num_frames, img_size, img_size) if video else (batch, 3, img_size, img_size)
     x = torch.randn(*shape, device=device)
     results = []
-    if args.family == "vit":
-        for depth in (int(d) for d in args.depths.split(",")):
-            print(f"measuring depth {depth} ...", flush=True)
-            results += compare(vit_candidates(args.size, depth, img_size), x, f"depth {depth}", args.steps)
+    if family == "vit":
+        for depth in depths:
+            log(f"measuring depth {depth} ...")
+            results += compare(vit_candidates(size, depth, img_size), x, f"depth {depth}", steps)
     else:
-        print(f"measuring {args.family} ...", flush=True)
-        results += compare(mvit_candidates(video, img_size, args.num_frames), x, "x".join(map(str, shape[2:])),
-                           args.steps)
-    print(f"\ninput {tuple(shape)}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          "memory = peak activation bytes above parameters+grads")
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
+        log(f"measuring {family} ...")
+        results += compare(mvit_candidates(video, img_size, num_frames), x, "x".join(map(str, shape[2:])), steps)
+    log(f"\ninput {tuple(shape)}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        "memory = peak activation bytes above parameters+grads")
     return results

@@ -12,6 +12,7 @@ memory that grows with batch size and depth, and the quantity the paper reports 
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["MemoryReport", "StorageMeter", "measure_training_memory", "track_peak_memory", "training_step"]
+__all__ = ["MemoryReport", "StorageMeter", "measure_training_memory", "track_peak_memory", "training_step",
+           "memory_table"]
 
 MB = 1024 ** 2
 
@@ -133,3 +135,28 @@ def measure_training_memory(model: nn.Module, inputs: Tensor, targets: Optional[
         if p.grad is not None:
             p.grad.zero_()
     return MemoryReport(result["peak_bytes"], inputs.shape[0], str(inputs.device))
+
+
+def memory_table(model: nn.Module, dataset, device: torch.device, say: Callable[[str], None] = print,
+                 batch: int = 8) -> dict:
+    """Peak activation bytes per image of one training step on the first `batch` samples of `dataset`,
+    reversible vs autograd backprop, measured on a copy of `model`; says the table and returns the figures
+    ({} for a model without reversible backprop)."""
+    if not hasattr(model, "set_backprop"):
+        return {}
+    x = torch.stack([dataset[i][0] for i in range(batch)]).to(device)
+    y = torch.tensor([dataset[i][1] for i in range(batch)], device=device)
+    probe = copy.deepcopy(model)
+    result = {}
+    for mode in ("reversible", "autograd"):
+        probe.set_backprop(mode)
+        result[mode] = measure_training_memory(probe, x, y).bytes_per_sample
+    probe.set_backprop(model.backprop)
+    ratio = result["autograd"] / max(result["reversible"], 1)
+    shape = "x".join(str(s) for s in x.shape[1:])
+    say(f"\npeak activation memory per image (one training step, batch {batch}, input {shape}, {device.type}):\n"
+        f"  {'backprop':<12}{'KB/image':>12}\n"
+        f"  {'reversible':<12}{result['reversible'] / 1024:>12.1f}\n"
+        f"  {'autograd':<12}{result['autograd'] / 1024:>12.1f}\n"
+        f"  reversible needs {ratio:.1f}x less activation memory")
+    return {"batch": batch, "bytes_per_image": result, "ratio": ratio}

@@ -21,7 +21,7 @@ files and leaves a larger one (ImageNet, Kinetics train) to the load-time substi
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,18 +32,25 @@ from .common import find_unreadable, should_verify, warn_skipped
 from .digits import DIGIT_CLASSES, DigitsImages, DigitsVideo, digits_split
 from .folders import ImageFolderDataset, load_image_folder
 from .transforms import image_eval_transform, image_train_transform, norm_stats
-from .video import (VideoClipDataset, VideoViewsDataset, find_video_lists, lists_images, read_class_names,
-                    read_video_list, verify_video)
+from .video import (
+    VideoClipDataset,
+    VideoViewsDataset,
+    find_video_lists,
+    lists_images,
+    read_class_names,
+    read_video_list,
+    verify_video,
+)
 
-__all__ = ["DataSpec", "DataBundle", "build_datasets"]
+__all__ = ["DataOptions", "DataSpec", "DataBundle", "build_datasets"]
 
 BUILTIN = ("digits", "digits-video")
 
 
-@dataclass
-class DataSpec:
-    """What to load and how to transform it. See the module docstring for `path`."""
-    path: Optional[str] = None
+@dataclass(kw_only=True)
+class DataOptions:
+    """How to sample and transform the data: the settings a training config shares with `DataSpec`
+    (`revvit.train.TrainConfig` inherits them, so a recipe sets them by these names)."""
     img_size: int = 224
     in_chans: int = 3
     num_frames: int = 16  # video: frames per clip
@@ -55,10 +62,22 @@ class DataSpec:
     reprob: float = 0.25  # random erasing probability (images; video lists: one box through all frames)
     test_clips: int = 5  # video eval: uniformly spaced temporal clips
     test_crops: int = 1  # video eval: 1 (center) or 3 (left/center/right) spatial crops
+
+
+@dataclass
+class DataSpec(DataOptions):
+    """What to load (see the module docstring for `path`) and how to transform it (the `DataOptions`,
+    keyword-only: `DataSpec(path, img_size=32)`)."""
+    path: Optional[str] = None
     mean: tuple = IMAGENET_DEFAULT_MEAN
     std: tuple = IMAGENET_DEFAULT_STD
     verify: Optional[bool] = None  # open every file up front, dropping unreadable ones; None: if <= 20,000
     seed: int = 0  # digits: the held-out split and the val clips
+
+    @classmethod
+    def with_options(cls, options: DataOptions, **spec) -> "DataSpec":
+        """A spec taking every `DataOptions` field from `options` (a TrainConfig, say), the rest from `spec`."""
+        return cls(**{f.name: getattr(options, f.name) for f in fields(DataOptions)}, **spec)
 
 
 @dataclass
@@ -156,13 +175,13 @@ def _video_lists(spec: DataSpec, root: Path, lists: dict, splits, mean, std) -> 
     if names is not None:
         num_classes = len(names)
     else:  # the largest label + 1, over the train list too when only val is built (its text: no video is opened)
-        labels = [l for s in samples.values() for _, l in s]
+        labels = [label for s in samples.values() for _, label in s]
         if "train" not in samples:
             train_list = find_video_lists(root)
-            labels += [l for _, l in read_video_list(train_list["train"])] if train_list else []
+            labels += [label for _, label in read_video_list(train_list["train"])] if train_list else []
         num_classes = 1 + max(labels, default=-1)
     for split, items in samples.items():
-        out = [(p, l) for p, l in items if l >= num_classes]
+        out = [(p, label) for p, label in items if label >= num_classes]
         if out:
             raise ValueError(f"{lists[split]}: label {out[0][1]} ({out[0][0]}) is out of range for "
                              f"{num_classes} classes in {root / 'classes.txt'}; labels are 0..{num_classes - 1}")
@@ -171,7 +190,7 @@ def _video_lists(spec: DataSpec, root: Path, lists: dict, splits, mean, std) -> 
         if should_verify(spec.verify, len(samples[split])):
             bad = set(find_unreadable([p for p, _ in samples[split]], verify_video))
             skipped += [p for p, _ in samples[split] if p in bad]
-            samples[split] = [(p, l) for p, l in samples[split] if p not in bad]
+            samples[split] = [(p, label) for p, label in samples[split] if p not in bad]
         else:
             unchecked[split] = len(samples[split])
         if not samples[split]:

@@ -78,6 +78,6 @@ class SkippingDataset(Dataset):
             except Exception as e:  # any decoder error: record and substitute, never crash the epoch
                 if path not in self.failed:
                     self.failed.append(path)
-                    warnings.warn(f"skipping unreadable file {path}: {type(e).__name__}: {e}")
+                    warnings.warn(f"skipping unreadable file {path}: {type(e).__name__}: {e}", stacklevel=1)
         raise RuntimeError(f"{self.max_tries} consecutive samples from index {index} failed to load; "
                            f"first failures: {self.failed[:3]}. Check the dataset files.")

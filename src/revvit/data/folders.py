@@ -1,8 +1,8 @@
 """Image folders in the ImageNet layout: `ROOT/train/<class>/<image>` and `ROOT/val/<class>/<image>`.
 
 Class names are the sorted folder names (label = index), taken from train/ and required to be the same
-set in val/; when only val/ is built (evaluation), they are val/'s folder names. Files whose extension torchvision does not list as an image are ignored; images PIL cannot
-open are skipped and named (see `common`).
+set in val/; when only val/ is built (evaluation), they are val/'s folder names. Files whose extension
+torchvision does not list as an image are ignored; images PIL cannot open are skipped and named (see `common`).
 """
 from __future__ import annotations
 

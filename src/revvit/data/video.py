@@ -26,8 +26,15 @@ from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .common import SkippingDataset
-from .transforms import (frames_to_tensor, normalize_video, random_erase_cube, random_scale_crop_flip,
-                         resize_short_side, spatial_crops, video_rand_augment)
+from .transforms import (
+    frames_to_tensor,
+    normalize_video,
+    random_erase_cube,
+    random_scale_crop_flip,
+    resize_short_side,
+    spatial_crops,
+    video_rand_augment,
+)
 
 __all__ = [
     "LIST_FORMATS", "find_video_lists", "lists_images", "read_video_list", "read_class_names",
@@ -194,7 +201,8 @@ class VideoClipDataset(_VideoDataset):
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.augment = augment
-        self.rand_augment = video_rand_augment(auto_augment, self.mean, self.img_size) if augment and auto_augment else None
+        self.rand_augment = (video_rand_augment(auto_augment, self.mean, self.img_size) if augment and auto_augment
+                             else None)
         self.reprob = reprob if augment else 0.0
 
     def _pick(self, n: int) -> list[int]:

@@ -6,34 +6,33 @@ random generator (python, numpy, torch CPU, CUDA) as tensors and plain types, so
 `torch.load(weights_only=True)` reads it. The sampler needs no state of its own: each epoch's permutation
 is a function of (seed, epoch), and resuming skips the consumed batches.
 
-Writes are atomic (`revvit.interop.atomic_write`: a temporary file in the same directory, flush + fsync,
+Writes are atomic (`revvit.io.atomic_write`: a temporary file in the same directory, flush + fsync,
 `os.replace`, fsync of the directory). A crash at any moment leaves either the old file set or the new
-one, never a truncated checkpoint under a final name.
+one, never a truncated checkpoint under a final name. The final weights are revvit weight files, written
+and read by `revvit.interop` (`save`, `read_metadata`, `load`) like every other.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import timm
 import torch
 from torch import nn
 
-from ..interop.weights import atomic_write
+from .. import interop
+from ..io import CheckpointError, atomic_write
 
 __all__ = ["atomic_write", "atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "CheckpointError",
-           "rng_state", "set_rng_state", "save_weights", "load_model", "BEST", "WEIGHTS"]
+           "rng_state", "set_rng_state", "load_model", "BEST", "WEIGHTS", "EMA_WEIGHTS"]
 
 BEST = "best.pt"
 WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
 _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -93,34 +92,15 @@ def load_latest(out_dir: Path, log: Callable[[str], None] = print) -> Optional[t
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
-                raise CheckpointError("not a revvit training checkpoint")
+                raise CheckpointError(path, "not a revvit training checkpoint")
             return path, state
         except Exception as e:  # truncated zip, bad pickle, wrong content
             log(f"warning: checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                 "falling back to the previous one")
-    raise CheckpointError(f"no usable checkpoint in {out_dir}: all of {[p.name for p in candidates]} failed to load")
+    raise CheckpointError(out_dir, f"no usable checkpoint: all of {[p.name for p in candidates]} failed to load")
 
 
-# -- final weights and loading for evaluation -------------------------------------------------------
-def save_weights(model: nn.Module, path: Path, model_name: str, model_kwargs: dict, extra: Optional[dict] = None) -> None:
-    """model.safetensors with metadata {"model": name, "model_kwargs": JSON}: enough to rebuild it."""
-    from safetensors.torch import save
-
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "revvit", "model": model_name, "model_kwargs": json.dumps(model_kwargs)}
-    meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
-    data = save(tensors, metadata=meta)
-    atomic_write(path, lambda f: f.write(data))
-
-
-def _build(name: str, kwargs: dict) -> nn.Module:
-    import timm
-
-    import revvit  # noqa: F401  (registers the models)
-
-    return timm.create_model(name, **kwargs)
-
-
+# -- loading for evaluation -------------------------------------------------------------------------
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, info) from a revvit training checkpoint (.pt), or from anything `revvit.load`
     reads (.safetensors with revvit metadata, official SlowFast .pyth). info has "model", "model_kwargs"
@@ -132,27 +112,21 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+            raise CheckpointError(path, f"cannot read the checkpoint ({type(e).__name__}: {e})") from None
         if not (isinstance(state, dict) and "model_name" in state):
-            raise CheckpointError(f"{path} is not a revvit training checkpoint (no model_name)")
+            raise CheckpointError(path, "not a revvit training checkpoint (no model_name)")
         info = {"model": state["model_name"], "model_kwargs": state["model_kwargs"], "config": state.get("config")}
-        model = _build(info["model"], info["model_kwargs"])
+        model = timm.create_model(info["model"], **info["model_kwargs"])
         model.load_state_dict(state["model"])
         return model.eval(), info
-    import revvit
-
-    model = revvit.load(str(path))
-    info = {"model": type(model).__name__, "model_kwargs": {}}
+    model = interop.load(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        info["model"] = meta.get("model", info["model"])
-        info["model_kwargs"] = json.loads(meta.get("model_kwargs", "{}"))
+        meta = interop.read_metadata(path)
+        info = {"model": meta["model"], "model_kwargs": meta["model_kwargs"]}
         if "config" in meta:
-            info["config"] = json.loads(meta["config"])
+            info["config"] = meta["config"]
     else:  # official weights: the input geometry the model was built for
-        info["model_kwargs"] = {k: getattr(model.cfg, k) for k in ("img_size", "in_chans", "num_classes", "num_frames")
-                                if hasattr(getattr(model, "cfg", None), k)}
+        info = {"model": type(model).__name__,
+                "model_kwargs": {k: getattr(model.cfg, k) for k in ("img_size", "in_chans", "num_classes", "num_frames")
+                                 if hasattr(getattr(model, "cfg", None), k)}}
     return model, info

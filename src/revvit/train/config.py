@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import yaml
 
+from ..data import DataOptions
+
 __all__ = ["TrainConfig", "ConfigError", "LR_REFERENCE_BATCH", "load_config", "apply_overrides", "DEFAULT_CONFIG",
            "DIGITS_VIDEO_CONFIG"]
 
@@ -36,24 +38,16 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(DataOptions):
     # -- model: timm.create_model(model, num_classes=<data>, img_size=<data>, in_chans=<data>,
     #    drop_path_rate=drop_path, **model_kwargs)
     model: str = "rev_vit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     drop_path: float = 0.0
     backprop: str = "reversible"  # "reversible" (recompute activations) or "autograd" (store them)
-    # -- data: see revvit.data.DataSpec
+    # -- data: the source here; how it is sampled and transformed (img_size, in_chans, num_frames,
+    #    sampling_rate, train_aug, auto_augment, reprob, test_clips, test_crops) from revvit.data.DataOptions
     data: str = "digits"
-    img_size: int = 224
-    in_chans: int = 3
-    num_frames: int = 16
-    sampling_rate: int = 4
-    train_aug: bool = True
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    reprob: float = 0.25
-    test_clips: int = 5
-    test_crops: int = 1
     num_workers: int = 2
     verify_data: Optional[bool] = None  # open every file up front: true, false, none = if a split has <= 20,000
     # -- optimisation: AdamW, cosine schedule after linear warmup, stepped every optimiser step
@@ -91,10 +85,12 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.backprop in ("reversible", "autograd"), f"backprop must be 'reversible' or 'autograd', got {self.backprop!r}")
+        need(self.backprop in ("reversible", "autograd"),
+             f"backprop must be 'reversible' or 'autograd', got {self.backprop!r}")
         need(self.amp in (None, "bf16", "fp16"), f"amp must be bf16, fp16 or none, got {self.amp!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("epochs", "batch_size", "img_size", "in_chans", "num_frames", "keep_last", "eval_every", "repeated_aug"):
+        for name in ("epochs", "batch_size", "img_size", "in_chans", "num_frames", "keep_last", "eval_every",
+                     "repeated_aug"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("steps_per_epoch", "ckpt_every_steps", "num_workers", "threads", "warmup_epochs",
                      "weight_decay", "mixup", "cutmix", "min_lr", "warmup_lr", "drop_path"):
@@ -102,7 +98,8 @@ class TrainConfig:
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(0 <= self.reprob <= 1, f"reprob must be in [0, 1], got {self.reprob}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas}")
+        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or none, got {self.clip_grad}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         return self

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import atomic_write
+from ..io import atomic_write
 
 __all__ = ["RunLogger"]
 

@@ -1,0 +1,84 @@
+"""Evaluation: `evaluate(model, loader, device)` during training, `evaluate_checkpoint(path, data)` for a
+saved model (a training checkpoint, the final model.safetensors, or an official .pyth)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.utils import accuracy
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import build_datasets
+from . import checkpoint as ckpt
+from .config import TrainConfig, from_dict
+from .distributed import DistInfo, ShardSampler, all_reduce_sum, init_distributed, shutdown
+from .parts import AMP_DTYPES, TrainError, data_spec
+
+__all__ = ["evaluate", "eval_loader", "evaluate_checkpoint"]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] = None) -> dict:
+    """Top-1/top-5 (%) and mean cross-entropy over the loader, summed over all ranks. A batch of
+    (B, V, C, T, H, W) video views is scored by the mean softmax over its V views."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = count = 0.0
+    num_classes = None
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        views = 1
+        if x.dim() == 6:
+            views = x.shape[1]
+            x = x.flatten(0, 1)
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None):
+            logits = model(x)
+        probs = logits.float().softmax(-1)
+        probs = probs.view(-1, views, probs.shape[-1]).mean(1)
+        num_classes = probs.shape[-1]
+        # timm gives this batch's percentages (top-5 is top-C below 5 classes); counts are summed over ranks
+        top1, top5 = accuracy(probs, y, topk=(1, 5))
+        correct1 += round(top1.item() * y.numel() / 100)  # .item(): a host sync per batch, as the loss's
+        correct5 += round(top5.item() * y.numel() / 100)
+        loss_sum += F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
+        count += y.numel()
+    correct1, correct5, loss_sum, count = all_reduce_sum([correct1, correct5, loss_sum, count], device)
+    model.train(was_training)
+    count = max(count, 1)
+    out = {"top1": 100 * correct1 / count, "loss": loss_sum / count, "count": int(count)}
+    if num_classes is not None and num_classes >= 5:
+        out["top5"] = 100 * correct5 / count
+    return out
+
+
+def eval_loader(dataset, batch_size: int, num_workers: int, d: DistInfo) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), d.rank, d.world_size),
+                      num_workers=num_workers, pin_memory=d.device.type == "cuda")
+
+
+def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_workers: int = 2,
+                        device: str = "auto", amp: Optional[str] = None) -> dict:
+    """Load a revvit checkpoint/.safetensors and evaluate it on the val split of `data`."""
+    model, info = ckpt.load_model(path)
+    saved = dict(info.get("config") or {})
+    kw = info.get("model_kwargs", {})
+    cfg = from_dict({k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__})
+    cfg.img_size = kw.get("img_size", cfg.img_size)
+    cfg.in_chans = kw.get("in_chans", cfg.in_chans)
+    if "num_frames" in kw:
+        cfg.num_frames = kw["num_frames"]
+    d = init_distributed(device)
+    try:
+        bundle = build_datasets(data_spec(cfg, data, info.get("model")), splits=("val",))  # train is not scanned
+        classes = kw.get("num_classes")
+        if classes is not None and classes != bundle.num_classes:
+            raise TrainError(f"{path} predicts {classes} classes but {data} has {bundle.num_classes}")
+        model.to(d.device)
+        metrics = evaluate(model, eval_loader(bundle.val, batch_size, num_workers, d), d.device, amp)
+        metrics["model"] = info.get("model")
+        return metrics
+    finally:
+        shutdown()
