@@ -63,7 +63,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, help="global batch size (all processes together)")
     t.add_argument("--img-size", type=int)
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision via torch.autocast")
-    t.add_argument("--backprop", choices=["reversible", "autograd"])
+    t.add_argument("--backprop", choices=["reversible", "parallel", "autograd"],
+                   help="reversible (default), parallel (reversible with the two-stream CUDA schedule) or autograd")
     t.add_argument("--seed", type=int)
     t.add_argument("--lr", type=float, help="learning rate per 512 images (scaled by batch_size/512)")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output")
@@ -126,6 +127,25 @@ def _depths(text: str) -> list[int]:
     return depths
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _budget(text: str) -> int:
+    from .bench.scaling import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="activation memory and step time: reversible vs autograd vs checkpointing")
     b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video"],
@@ -135,18 +155,26 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="ViT size for --family vit (default: small, the paper's Rev-ViT-S)")
     b.add_argument("--depths", type=_depths, default=[12, 24],
                    help="comma-separated depths for --family vit (default: 12,24)")
-    b.add_argument("--batch-size", type=int, default=None, help="default: 4 (vit), 2 (mvit), 1 (mvit-video)")
-    b.add_argument("--img-size", type=int, default=None, help="default: 224 (112 for mvit-video)")
-    b.add_argument("--num-frames", type=int, default=8, help="clip length for mvit-video (default: 8)")
-    b.add_argument("--steps", type=int, default=3, help="timed steps per candidate (median)")
+    b.add_argument("--batch-size", type=_positive, default=None, help="default: 4 (vit), 2 (mvit), 1 (mvit-video)")
+    b.add_argument("--img-size", type=_positive, default=None, help="default: 224 (112 for mvit-video)")
+    b.add_argument("--num-frames", type=_positive, default=8, help="clip length for mvit-video (default: 8)")
+    b.add_argument("--steps", type=_positive, default=3, help="timed steps per candidate (median)")
     b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.add_argument("--budget", type=_budget, default=None,
+                   help="e.g. 16GB: instead of the fixed-batch table, the largest batch that fits this much memory "
+                        "(parameters, gradients, AdamW state, activations; measured) per method and depth, "
+                        "and images/s at it (--family vit or mvit; --depths, default 12,24,48,96)")
+    b.add_argument("--plot", default=None, help="with --budget: write the depth sweep as a PNG plot")
     b.set_defaults(func=_bench)
 
 
 @_command
 def _bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_benchmark
+
+    if args.budget is not None:
+        return _bench_budget(args)
 
     results = run_benchmark(family=args.family, size=args.size, depths=args.depths, batch_size=args.batch_size,
                             img_size=args.img_size, num_frames=args.num_frames, steps=args.steps, device=args.device,
@@ -155,6 +183,29 @@ def _bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
+    return 0
+
+
+def _bench_budget(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench.scaling import budget_sweep, format_budget_table, plot_depth_sweep
+
+    if args.family not in ("vit", "mvit"):
+        print(f"revvit bench: error: --budget compares image models: use --family vit or mvit, not {args.family}",
+              file=sys.stderr)
+        return 2
+    depths = args.depths if args.depths != [12, 24] else [12, 24, 48, 96]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = budget_sweep(args.family, args.size, depths, args.img_size or 224, args.budget, device, args.steps,
+                        log=lambda msg: print(msg, flush=True))
+    print(format_budget_table(rows, args.budget, device))
+    if args.plot:
+        plot_depth_sweep(rows, args.plot, title=f"{args.family} {args.size}, budget {args.budget / 2**30:.1f} GiB")
+        print(f"plot: {args.plot}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
     return 0
 
 

@@ -28,8 +28,8 @@ from torch import nn
 
 from .memory import StorageMeter
 
-__all__ = ["Method", "BudgetRow", "step_peak_bytes", "max_batch", "budget_table", "depth_sweep", "vit_methods",
-           "mvit_methods", "plot_depth_sweep", "parse_bytes"]
+__all__ = ["Method", "BudgetRow", "step_peak_bytes", "max_batch", "budget_table", "depth_sweep", "budget_sweep",
+           "vit_methods", "mvit_methods", "format_budget_table", "plot_depth_sweep", "parse_bytes"]
 
 
 @dataclass
@@ -187,6 +187,32 @@ def depth_sweep(methods_at: Callable[[int], Sequence[Method]], depths: Sequence[
     for depth in depths:
         rows += budget_table(methods_at(depth), sample_shape, budget, device, depth=depth, steps=steps)
     return rows
+
+
+def budget_sweep(family: str, size: str, depths: Sequence[int], img_size: int, budget: int, device: torch.device,
+                 steps: int = 5, log: Callable[[str], None] = print) -> list[BudgetRow]:
+    """`revvit bench --budget`: the depth sweep of `family` ("vit" at `size`, or "mvit") at `img_size`."""
+    rows = []
+    for depth in depths:
+        log(f"depth {depth}: searching the largest batch of each method within {budget / 2**30:.2f} GiB ...")
+        methods = vit_methods(size, depth, img_size) if family == "vit" else mvit_methods(depth, img_size)
+        rows += budget_table(methods, (3, img_size, img_size), budget, device, depth=depth, steps=steps)
+    return rows
+
+
+def format_budget_table(rows: Sequence[BudgetRow], budget: int, device: torch.device) -> str:
+    """Markdown: per depth and method, the largest batch, its peak memory and images/s, vs autograd."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    lines = [f"budget {budget / 2**30:.2f} GiB on {name}, torch {torch.__version__}",
+             "| depth | method | max batch | batch vs autograd | peak GiB | images/s | images/s vs autograd |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = next((x for x in rows if x.depth == r.depth and x.label == "autograd"), r)
+        batch_ratio = f"{r.max_batch / ref.max_batch:.2f}x" if ref.max_batch else "-"
+        rate_ratio = f"{r.images_per_s / ref.images_per_s:.2f}x" if ref.images_per_s else "-"
+        lines.append(f"| {r.depth} | {r.label} | {r.max_batch} | {batch_ratio} | {r.peak_bytes / 2**30:.2f} "
+                     f"| {r.images_per_s:.1f} | {rate_ratio} |")
+    return "\n".join(lines)
 
 
 # -- the compared methods per family ------------------------------------------------------------------

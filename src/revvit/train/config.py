@@ -44,7 +44,8 @@ class TrainConfig(DataOptions):
     model: str = "rev_vit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     drop_path: float = 0.0
-    backprop: str = "reversible"  # "reversible" (recompute activations) or "autograd" (store them)
+    backprop: str = "reversible"  # "reversible" (recompute activations), "parallel" (the same, two CUDA streams)
+    #                               or "autograd" (store them)
     # -- data: the source here; how it is sampled and transformed (img_size, in_chans, num_frames,
     #    sampling_rate, train_aug, auto_augment, reprob, test_clips, test_crops) from revvit.data.DataOptions
     data: str = "digits"
@@ -85,8 +86,8 @@ class TrainConfig(DataOptions):
             if not ok:
                 raise ConfigError(msg)
 
-        need(self.backprop in ("reversible", "autograd"),
-             f"backprop must be 'reversible' or 'autograd', got {self.backprop!r}")
+        need(self.backprop in ("reversible", "parallel", "autograd"),
+             f"backprop must be 'reversible', 'parallel' or 'autograd', got {self.backprop!r}")
         need(self.amp in (None, "bf16", "fp16"), f"amp must be bf16, fp16 or none, got {self.amp!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size", "img_size", "in_chans", "num_frames", "keep_last", "eval_every",
