@@ -490,12 +490,3 @@ def test_class_token_of_a_config_with_cls_embed_on_is_dropped_with_a_note(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
 
-
-def test_interop_width_rounding_is_the_official_one():
-    from revvit.interop.slowfast_config import _round_width
-    from revvit.models.mvit import round_width
-
-    for width in (1, 2, 3, 16, 96, 100, 384):
-        for mult in (0.5, 1.0, 2.0, 1.5):
-            for divisor in (1, 2, 4, 8, 12):
-                assert _round_width(width, mult, divisor) == round_width(width, mult, divisor), (width, mult, divisor)
