@@ -244,6 +244,12 @@ def test_config_revvit_cannot_reproduce_exactly_is_refused_naming_the_key(tmp_pa
         revvit.load_slowfast(path)
 
 
+def test_config_whose_reversible_layer_changes_shape_is_refused_by_the_models_layout(tmp_path):
+    _, _, path, _ = _write(tmp_path, "rev_mvit_image_concat_linear", **{"MVIT.REV.BUFFER_LAYERS": [1]})
+    with pytest.raises(CheckpointError, match=r"BUFFER_LAYERS=\[1\].*layer 3 changes the width 32->64"):
+        revvit.load_slowfast(path)
+
+
 def test_overrides_apply_on_top_of_the_config(tmp_path):
     _, _, path, _ = _write(tmp_path, "rev_vit")
     assert revvit.load_slowfast(path, drop_path_rate=0.0).cfg.drop_path_rate == 0.0

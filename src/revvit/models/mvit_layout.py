@@ -187,7 +187,8 @@ def layer_layout(cfg: MViTConfig, grid: Optional[Grid] = None, reversible: bool 
     else:
         stride_kv = _per_layer(cfg.pool_kv_stride, depth, "pool_kv_stride")
 
-    specs, rates = [], torch.linspace(0, cfg.drop_path_rate, depth).tolist()
+    # float32 linspace as the official code; on the CPU whatever the default device (e.g. "meta")
+    specs, rates = [], torch.linspace(0, cfg.drop_path_rate, depth, device="cpu").tolist()
     heads, dim, stage = cfg.num_heads, cfg.embed_dim, 0
     for i in range(depth):
         heads = round_width(heads, head_mul[i])
