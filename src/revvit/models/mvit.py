@@ -158,7 +158,6 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
         if cfg is not None and kwargs:
             raise TypeError(f"pass either cfg or keyword options, not both (got {sorted(kwargs)})")
         self.cfg = cfg = cfg or MViTConfig(**known_options(MViTConfig, kwargs))
-        self.grad_checkpointing = False
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.patch_embed = PatchEmbed3d(cfg.img_size, cfg.num_frames, cfg.in_chans, cfg.embed_dim, cfg.patch_kernel,
@@ -344,6 +343,7 @@ class MViT(_MultiscaleBase):
         grid = self._init_stem(cfg, kwargs)
         cfg = self.cfg
         self.specs = layer_layout(cfg, grid, reversible=False)
+        self.grad_checkpointing = False  # timm's activation checkpointing (see set_grad_checkpointing)
         self.blocks = nn.ModuleList([MViTBlock(s, cfg) for s in self.specs])
         self._init_head(1, [f"blocks.{s.index}" for s in self._stage_ends()])
 
