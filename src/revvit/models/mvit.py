@@ -399,7 +399,7 @@ def checkpoint_filter_fn(state_dict: dict, model: RevMViT) -> dict:
 def _video_cfg(**kwargs) -> dict:
     """timm's input_size is (C, H, W); the clip length is the model's `num_frames`."""
     return pretrained_cfg(**{"num_classes": 400, "input_size": (3, 224, 224), "mean": (0.45, 0.45, 0.45),
-                   "std": (0.225, 0.225, 0.225), **kwargs})
+                             "std": (0.225, 0.225, 0.225), **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
