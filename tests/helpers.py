@@ -26,7 +26,8 @@ def weighted_sum(out: Tensor) -> Tensor:
 
 
 def _step(model: nn.Module, x: Tensor, mode: str, forward: Callable, loss: Callable, seed: int):
-    model.set_backprop(mode).train().zero_grad(set_to_none=True)
+    model.set_backprop(mode)  # models return self, a ReversibleStack returns None
+    model.train().zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(seed)  # the same drop path / dropout draws in both modes
     out = forward(model, x)
@@ -39,19 +40,20 @@ def _step(model: nn.Module, x: Tensor, mode: str, forward: Callable, loss: Calla
 
 
 def assert_reversible_matches_autograd(model: nn.Module, x: Tensor, *, forward: Optional[Callable] = None,
-                                       loss: Callable = weighted_sum, seed: int = 0,
-                                       rtol: Optional[float] = None) -> tuple:
-    """One seeded training step of `model` on `x` in "reversible" and in "autograd" backprop; asserts that
-    every parameter that requires grad gets a gradient and that the input gradient and each parameter's
-    gradient agree to `rtol` relative error (default: per dtype, `RTOL`). `forward(model, x)` (default
-    `model(x)`) may return any structure `loss` reduces to a scalar. Returns the two outputs (reversible,
-    autograd); the model is left in the mode it was in.
+                                       loss: Callable = weighted_sum, seed: int = 0, rtol: Optional[float] = None,
+                                       mode: str = "reversible") -> tuple:
+    """One seeded training step of `model` (anything with `set_backprop` and `backprop`) on `x` in `mode`
+    and in "autograd" backprop; asserts that every parameter that requires grad gets a gradient and that
+    the input gradient and each parameter's gradient agree to `rtol` relative error (default: per dtype,
+    `RTOL`). `forward(model, x)` (default `model(x)`; a ReversibleStack: `lambda s, x: s(x, x)`) may
+    return any structure `loss` reduces to a scalar. Returns the two outputs (`mode`, autograd); the
+    model is left in the backprop mode it was in.
     """
     forward = forward or (lambda m, v: m(v))
     rtol = RTOL[x.dtype] if rtol is None else rtol
     before = model.backprop
     try:
-        out_rev, g_rev = _step(model, x, "reversible", forward, loss, seed)
+        out_rev, g_rev = _step(model, x, mode, forward, loss, seed)
         out_ag, g_ag = _step(model, x, "autograd", forward, loss, seed)
     finally:
         model.set_backprop(before)
@@ -60,5 +62,5 @@ def assert_reversible_matches_autograd(model: nn.Module, x: Tensor, *, forward: 
     scale = torch.cat([g.flatten() for g in g_ag.values()]).norm()
     for name, ag in g_ag.items():
         err = (g_rev[name] - ag).norm() / torch.maximum(ag.norm(), 1e-3 * scale).clamp_min(1e-30)
-        assert err < rtol, f"{name}: reversible and autograd gradients differ (relative error {err:.2e} >= {rtol})"
+        assert err < rtol, f"{name}: {mode} and autograd gradients differ (relative error {err:.2e} >= {rtol})"
     return out_rev, out_ag
