@@ -21,8 +21,6 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from revvit.interop.slowfast_config import _layer_table  # the official per-layer arithmetic, transcribed
-
 __all__ = ["official_state_dict", "official_cfg", "official_checkpoint", "write_pyth", "official_forward"]
 
 
@@ -168,6 +166,58 @@ def _attention(x: Tensor, sd: dict, p: str, thw, dim_out: int, heads: int, t: di
     attn = ((q * (dim_out // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
     x = (attn @ v).transpose(1, 2).reshape(b, -1, dim_out)
     return _lin(x, sd, p + ".proj"), q_thw
+
+
+def _round_width(width: float, multiplier: float, divisor: int = 1) -> int:
+    """SlowFast's width rounding: width*multiplier to the nearest multiple of divisor (at least 1), never
+    below 90%."""
+    if not multiplier:
+        return int(width)
+    width = width * multiplier
+    out = max(1, int(width + divisor / 2) // divisor * divisor)
+    return int(out + divisor if out < 0.9 * width else out)
+
+
+def _layer_table(c: dict) -> dict:
+    """Per-layer Q/KV kernels and strides, dims and heads, as SlowFast's MViT builder derives them from a
+    merged config (transcribed from the official builder, independently of revvit's layout code)."""
+    m = c["MVIT"]
+    depth = int(m["DEPTH"])
+    dim_mul, head_mul = [1.0] * (depth + 1), [1.0] * (depth + 1)
+    for i, mul in m["DIM_MUL"] or []:
+        dim_mul[int(i)] = float(mul)
+    for i, mul in m["HEAD_MUL"] or []:
+        head_mul[int(i)] = float(mul)
+    kernel = m["POOL_KVQ_KERNEL"]
+
+    def kernel_for(stride):
+        return list(kernel) if kernel is not None else [v + 1 if v > 1 else v for v in stride]
+
+    stride_q, kernel_q = [[] for _ in range(depth)], [[] for _ in range(depth)]
+    for entry in m["POOL_Q_STRIDE"] or []:
+        i, stride = int(entry[0]), [int(v) for v in entry[1:]]
+        stride_q[i], kernel_q[i] = stride, kernel_for(stride)
+    kv_entries = m["POOL_KV_STRIDE"] or []
+    if m["POOL_KV_STRIDE_ADAPTIVE"] is not None:
+        current, kv_entries = [int(v) for v in m["POOL_KV_STRIDE_ADAPTIVE"]], []
+        for i in range(depth):
+            if stride_q[i]:
+                current = [max(s // q, 1) for s, q in zip(current, stride_q[i])]
+            kv_entries.append([i] + current)
+    stride_kv, kernel_kv = [[] for _ in range(depth)], [[] for _ in range(depth)]
+    for entry in kv_entries:
+        i, stride = int(entry[0]), [int(v) for v in entry[1:]]
+        stride_kv[i], kernel_kv[i] = stride, kernel_for(stride)
+
+    embed, heads = int(m["EMBED_DIM"]), int(m["NUM_HEADS"])
+    dims_out, layer_heads = [], []
+    for i in range(depth):
+        heads = _round_width(heads, head_mul[i])
+        embed = _round_width(embed, dim_mul[i - 1] if i > 0 else 1.0, divisor=heads)
+        dims_out.append(_round_width(embed, dim_mul[i], divisor=_round_width(heads, head_mul[i + 1])))
+        layer_heads.append(heads)
+    return dict(depth=depth, dims_out=dims_out, heads=layer_heads, kernel_q=kernel_q, stride_q=stride_q,
+                kernel_kv=kernel_kv, stride_kv=stride_kv)
 
 
 def official_forward(sd: dict, cfg: dict, x: Tensor) -> Tensor:

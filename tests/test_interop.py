@@ -244,6 +244,12 @@ def test_config_revvit_cannot_reproduce_exactly_is_refused_naming_the_key(tmp_pa
         revvit.load_slowfast(path)
 
 
+def test_config_whose_reversible_layer_changes_shape_is_refused_by_the_models_layout(tmp_path):
+    _, _, path, _ = _write(tmp_path, "rev_mvit_image_concat_linear", **{"MVIT.REV.BUFFER_LAYERS": [1]})
+    with pytest.raises(CheckpointError, match=r"BUFFER_LAYERS=\[1\].*layer 3 changes the width 32->64"):
+        revvit.load_slowfast(path)
+
+
 def test_overrides_apply_on_top_of_the_config(tmp_path):
     _, _, path, _ = _write(tmp_path, "rev_vit")
     assert revvit.load_slowfast(path, drop_path_rate=0.0).cfg.drop_path_rate == 0.0
@@ -490,12 +496,3 @@ def test_class_token_of_a_config_with_cls_embed_on_is_dropped_with_a_note(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
 
-
-def test_interop_width_rounding_is_the_official_one():
-    from revvit.interop.slowfast_config import _round_width
-    from revvit.models.mvit import round_width
-
-    for width in (1, 2, 3, 16, 96, 100, 384):
-        for mult in (0.5, 1.0, 2.0, 1.5):
-            for divisor in (1, 2, 4, 8, 12):
-                assert _round_width(width, mult, divisor) == round_width(width, mult, divisor), (width, mult, divisor)

@@ -1,30 +1,65 @@
-"""Every revvit model has the same face (timm's), so one parametrised test checks all families."""
+"""Every revvit model has the same face (timm's), so property tests run over the whole registry: a model
+is covered by registering it. Base sizes are shrunk (width, depth, input) to stay fast on a CPU."""
+import ast
+import os
+import sys
+
 import pytest
 import timm
 import torch
 
-import revvit  # noqa: F401
+import revvit
+from revvit.models import MViT, RevMViT, RevViT
 
-IMAGE, VIDEO = (2, 3, 32, 32), (2, 3, 4, 32, 32)
-MODELS = [
-    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=2), IMAGE),
-    ("rev_mvit_tiny", {}, IMAGE),
-    ("mvit_tiny", {}, IMAGE),
-    ("rev_mvit_tiny_video", {}, VIDEO),
-    ("mvit_tiny_video", {}, VIDEO),
-]
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import assert_reversible_matches_autograd  # noqa: E402
 
 
-@pytest.fixture(params=MODELS, ids=[m[0] for m in MODELS])
-def model_and_input(request):
-    name, kwargs, shape = request.param
+def revvit_model_names() -> list[str]:
+    """Every model revvit registers with timm (found by the module of its entrypoint)."""
+    return sorted(n for n in timm.list_models()
+                  if timm.models.model_entrypoint(n).__module__.startswith("revvit.models."))
+
+
+NAMES = revvit_model_names()
+
+
+def small(name: str, **kwargs):
+    """`name` at a CPU size: the variant's own layout where it is cheap, fewer/narrower layers otherwise."""
     torch.manual_seed(0)
-    return timm.create_model(name, num_classes=7, **kwargs).eval(), torch.randn(*shape)
+    if timm.models.model_entrypoint(name).__module__ == "revvit.models.vit":
+        return timm.create_model(name, **{**dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2),
+                                          **kwargs})
+    model = timm.create_model(name, **{**dict(img_size=32, embed_dim=16), **kwargs})
+    if model.cfg.num_frames > 4:  # a video variant: fewer frames
+        torch.manual_seed(0)
+        model = timm.create_model(name, **{**dict(img_size=32, embed_dim=16, num_frames=4), **kwargs})
+    return model
 
 
-def test_forward_gives_logits_per_class(model_and_input):
+def example_input(model, batch: int = 2):
+    cfg = model.cfg
+    frames = getattr(cfg, "num_frames", 1)
+    shape = (batch, cfg.in_chans) + ((frames,) if frames > 1 else ()) + (cfg.img_size, cfg.img_size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(params=NAMES)
+def model_and_input(request):
+    model = small(request.param, num_classes=7).eval()
+    return model, example_input(model)
+
+
+def test_registry_holds_every_family():
+    assert len(NAMES) >= 12
+    families = {type(small(n)) for n in ("rev_vit_tiny_patch16_224", "rev_mvit_tiny", "mvit_tiny")}
+    assert families == {RevViT, RevMViT, MViT}
+
+
+def test_forward_gives_finite_logits_per_class(model_and_input):
     model, x = model_and_input
-    assert model(x).shape == (2, 7)
+    out = model(x)
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
 
 
 def test_features_then_head_is_forward(model_and_input):
@@ -39,6 +74,8 @@ def test_reset_classifier(model_and_input):
     model, x = model_and_input
     model.reset_classifier(3)
     assert model(x).shape == (2, 3) and model.num_classes == 3
+    model.reset_classifier(0)
+    assert model(x).shape == (2, model.num_features)
 
 
 def test_no_weight_decay_names_real_parameters(model_and_input):
@@ -55,32 +92,83 @@ def test_intermediates_match_feature_info(model_and_input):
 
 def test_pretrained_cfg_describes_the_input(model_and_input):
     model, _ = model_and_input
-    cfg = model.pretrained_cfg
-    assert len(cfg["input_size"]) == 3 and len(cfg["mean"]) == 3 and cfg["classifier"] == "head"
+    cfg, state = model.pretrained_cfg, model.state_dict()
+    assert len(cfg["input_size"]) == 3 and len(cfg["mean"]) == 3 and len(cfg["std"]) == 3
+    assert cfg["first_conv"] + ".weight" in state  # as timm's own tests check
+    assert state[cfg["first_conv"] + ".weight"].shape[1] == cfg["input_size"][0]
+    assert cfg["classifier"] + ".weight" in state and state[cfg["classifier"] + ".weight"].shape[0] == 7
+
+
+def test_every_parameter_gets_a_gradient(model_and_input):
+    model, x = model_and_input
+    model.train()
+    model(x).logsumexp(-1).sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_checkpointing_is_timms_switch(name):
+    model = small(name)
+    if isinstance(model, MViT):  # no reversible blocks: timm's activation checkpointing of each block
+        model.set_grad_checkpointing()
+        assert model.grad_checkpointing and model.backprop == "autograd"
+        model.set_grad_checkpointing(False)
+        assert not model.grad_checkpointing
+        return
+    model.set_grad_checkpointing(enable=False)
+    assert model.backprop == "autograd"
+    model.set_grad_checkpointing()  # timm's train.py --grad-checkpointing calls it so
+    assert model.backprop == "reversible"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("mvit_tiny")])
+def test_twin_grad_checkpointing_gives_the_same_gradients(name):
+    model = small(name, drop_path_rate=0.3).double().train()
+    x = example_input(model).double()
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(2)
+        model(x).logsumexp(-1).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
 
 
 REVERSIBLE = [
-    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3), IMAGE),
-    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4), IMAGE),
-    ("rev_mvit_tiny", {}, IMAGE),
-    ("rev_mvit_tiny", dict(stage_depths=(2, 2, 3)), IMAGE),
-    ("rev_mvit_tiny_video", {}, VIDEO),
+    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=3)),
+    ("rev_vit_tiny_patch16_224", dict(img_size=32, patch_size=8, depth=4)),
+    ("rev_mvit_tiny", {}),
+    ("rev_mvit_tiny", dict(stage_depths=(2, 2, 3))),
+    ("rev_mvit_tiny_video", {}),
 ]
 
 
-@pytest.mark.parametrize("name, kwargs, shape", REVERSIBLE,
-                         ids=[f"{n}-{sorted(k.items())}" for n, k, _ in REVERSIBLE])
-def test_fp32_reversible_gradients_match_autograd_with_drop_path(name, kwargs, shape):
+@pytest.mark.parametrize("name, kwargs", REVERSIBLE, ids=[f"{n}-{sorted(k.items())}" for n, k in REVERSIBLE])
+def test_fp32_reversible_gradients_match_autograd_with_drop_path(name, kwargs):
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=7, drop_path_rate=0.3, **kwargs)
-    x = torch.randn(*shape, requires_grad=True)
-    grads = {}
-    for mode in ("reversible", "autograd"):
-        model.set_backprop(mode)
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        torch.manual_seed(4)
-        model(x).logsumexp(-1).sum().backward()
-        grads[mode] = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
-    err = (grads["reversible"] - grads["autograd"]).norm() / grads["autograd"].norm()
-    assert err < 1e-5
+    assert_reversible_matches_autograd(model, example_input(model), loss=lambda out: out.logsumexp(-1).sum(),
+                                       seed=4, rtol=1e-5)
+
+
+def _imports(path: str) -> set[str]:
+    """Absolute names of the revvit modules a source file imports."""
+    package = "revvit." + os.path.relpath(os.path.dirname(path), os.path.dirname(revvit.__file__)).replace(os.sep, ".")
+    names = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            names.add(f"{base}.{node.module}" if node.level and node.module else node.module or base)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("package", ["models", "layers"])
+def test_models_and_layers_import_nothing_of_interop_train_or_data(package):
+    folder = os.path.join(os.path.dirname(revvit.__file__), package)
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
+        bad = {n for n in _imports(os.path.join(folder, file))
+               if n.startswith(("revvit.interop", "revvit.train", "revvit.data", "revvit.bench", "revvit.cli"))}
+        assert not bad, f"{package}/{file} imports {sorted(bad)}"

@@ -1,5 +1,7 @@
 """Rev-MViT and its twin MViT: reversible gradients, the official layout, shapes, features, bad layouts."""
 import math
+import os
+import sys
 
 import pytest
 import timm
@@ -10,22 +12,12 @@ import revvit  # noqa: F401  (registers the models)
 from revvit.layers import PoolingAttention
 from revvit.models.mvit import MViT, MViTConfig, RevMViT, StageTransition, checkpoint_filter_fn
 
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import assert_reversible_matches_autograd  # noqa: E402
+
 NAMES = ["rev_mvit_base", "rev_mvit_base_16x4", "mvit_base", "mvit_base_16x4",
          "rev_mvit_tiny", "mvit_tiny", "rev_mvit_tiny_video", "mvit_tiny_video"]
 IMAGE, CLIP = (3, 3, 32, 32), (3, 3, 4, 32, 32)
-
-
-def _grads(model, x, mode):
-    """Output and [input grad, every parameter grad] of one seeded train step in `mode`."""
-    model.set_backprop(mode).train().zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    torch.manual_seed(1)
-    out = model(x)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    (out * weights).sum().backward()
-    missing = [n for n, p in model.named_parameters() if p.grad is None]
-    assert not missing, f"no gradient reached {missing}"
-    return out.detach(), [x.grad] + [p.grad for p in model.parameters()]
 
 
 # -- reversible backprop ----------------------------------------------------------------------------
@@ -40,13 +32,10 @@ def test_reversible_gradients_equal_autograd_fp64_with_drop_path(name, shape, st
     assert len(transitions) == 2 and len(model.stages[-1]) >= 2
     x = torch.randn(shape, dtype=torch.float64)
 
-    out_rev, g_rev = _grads(model, x, "reversible")
-    out_ag, g_ag = _grads(model, x, "autograd")
+    out_rev, out_ag = assert_reversible_matches_autograd(model, x, seed=1, rtol=1e-10)
 
     assert not torch.allclose(out_ag, model.eval()(x)), "drop path should be active in training"
     assert torch.equal(out_rev, out_ag)
-    rev, ag = torch.cat([g.flatten() for g in g_rev]), torch.cat([g.flatten() for g in g_ag])
-    assert (rev - ag).norm() / ag.norm().clamp_min(1e-30) < 1e-10
 
 
 def test_reversible_mode_recomputes_transitions_and_keeps_less_memory():
@@ -94,6 +83,8 @@ def test_base_layout_matches_reference_table():
     assert [s.dim_out for s in specs] == [96] + [192] * 2 + [384] * 11 + [768] * 2
     assert [s.num_heads for s in specs] == [1] + [2] * 2 + [4] * 11 + [8] * 2
     assert [s.grid_out[1] for s in specs] == [56] + [28] * 2 + [14] * 11 + [7] * 2
+    assert [s.stage for s in specs] == [0] + [1] * 2 + [2] * 11 + [3] * 2  # the feature levels
+    assert [s.index for s in specs if s.stage_end] == [0, 2, 13, 15]
     assert [s.stride_kv[1] if s.stride_kv else 1 for s in specs] == [4] + [2] * 2 + [1] * 13
     assert all(s.kernel_kv == (1, 3, 3) for s in specs)  # K/V pooled even at stride 1
     layer1 = model.stages[1]
@@ -234,6 +225,7 @@ def test_separate_position_embeddings_add_spatial_per_frame_and_temporal_per_tok
 
 def test_registered_in_timm_without_touching_timms_mvitv2():
     assert set(NAMES) <= set(timm.list_models("*mvit*"))
+    assert {timm.models.model_entrypoint(n).__module__ for n in NAMES} == {"revvit.models.mvit"}
     assert timm.models.model_entrypoint("mvitv2_tiny").__module__ == "timm.models.mvitv2"
 
 
@@ -321,3 +313,29 @@ def test_twin_ignores_transitions_and_builds_the_same_attention_layers():
 
 def _tiny_cfg():
     return dict(img_size=32, num_classes=10, embed_dim=32, pool_kv_stride_adaptive=(1, 2, 2))
+
+
+def test_stage_depths_refuse_explicit_values_that_contradict_them():
+    cfg = MViTConfig(**_tiny_cfg(), stage_depths=(1, 2, 3))
+    assert cfg.depth == 6 and cfg.dim_mul == ((1, 2.0), (3, 2.0)) and cfg.transition_layers == (1, 3)
+    # what stage_depths implies, given again (as a saved config's kwargs are, lists from JSON), is no conflict
+    again = {k: [list(v) for v in getattr(cfg, k)] for k in ("dim_mul", "head_mul", "pool_q_stride")}
+    assert MViTConfig(**_tiny_cfg(), depth=6, stage_depths=[1, 2, 3], **again) == cfg
+    for name, value in [("dim_mul", ((1, 2.0),)), ("head_mul", ((2, 2.0), (3, 2.0))),
+                        ("pool_q_stride", ((1, 1, 2, 2), (3, 1, 1, 1))), ("depth", 8)]:
+        with pytest.raises(ValueError, match=f"{name}=.* conflicts with stage_depths=\\(1, 2, 3\\)"):
+            MViTConfig(**{**_tiny_cfg(), name: value}, stage_depths=(1, 2, 3))
+
+
+def test_stage_depths_through_timm_replace_the_variants_layout():
+    model = timm.create_model("rev_mvit_tiny", stage_depths=(2, 2, 4))
+    assert model.cfg.depth == 8 and [s.index for s in model.specs if s.transition] == [2, 4]
+    with pytest.raises(ValueError, match="dim_mul=.* conflicts with stage_depths"):
+        timm.create_model("rev_mvit_tiny", stage_depths=(2, 2, 4), dim_mul=((1, 2.0),))
+
+
+def test_layout_is_pure_arithmetic_on_any_device():
+    with torch.device("meta"):  # e.g. counting parameters without allocating them
+        model = timm.create_model("rev_mvit_base")
+    assert [s.index for s in model.specs if s.transition] == [1, 3, 14]
+    assert math.isclose(model.specs[-1].drop_path, 0.1, rel_tol=1e-6)

@@ -1,10 +1,18 @@
 """Rev-ViT: timm creation, the paper's sizes, the timm model interface, equivalence, input checks."""
+import os
+import sys
+
 import pytest
 import timm
 import torch
 
 import revvit
 from revvit.bench import measure_training_memory
+from revvit.models.vit import checkpoint_filter_fn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import assert_reversible_matches_autograd  # noqa: E402
+from official_format import official_state_dict  # noqa: E402
 
 SMALL = dict(img_size=32, patch_size=8, num_classes=5)
 
@@ -38,9 +46,12 @@ def test_large_has_24_blocks_and_305m_parameters():
 
 def test_registered_in_timm_without_shadowing_timm_names():
     names = timm.list_models("rev_vit_*")
-    assert {"rev_vit_tiny_patch16_224", "rev_vit_small_patch16_224", "rev_vit_base_patch16_224",
-            "rev_vit_large_patch16_224"} <= set(names)
-    assert "vit_small_patch16_224" in timm.list_models("vit_small_patch16_224")  # timm's own is intact
+    ours = {"rev_vit_tiny_patch16_224", "rev_vit_small_patch16_224", "rev_vit_base_patch16_224",
+            "rev_vit_large_patch16_224"}
+    assert ours <= set(names)
+    assert {timm.models.model_entrypoint(n).__module__ for n in ours} == {"revvit.models.vit"}
+    # timm's own ViT is intact: still timm's function, not replaced by a revvit one
+    assert timm.models.model_entrypoint("vit_small_patch16_224").__module__ == "timm.models.vision_transformer"
 
 
 def test_create_model_options_reach_the_model():
@@ -76,17 +87,8 @@ def test_eval_returns_logits_not_probabilities():
 @pytest.mark.parametrize("depth", [1, 2, 3])
 def test_model_gradients_equal_autograd_in_fp64(depth):
     model = tiny(depth=depth, drop_path_rate=0.5).double()
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    grads = {}
-    for mode in ("reversible", "autograd"):
-        model.set_backprop(mode)
-        model.zero_grad(set_to_none=True)
-        x.grad = None
-        torch.manual_seed(11)
-        model(x).logsumexp(-1).sum().backward()
-        grads[mode] = torch.cat([x.grad.flatten()] + [p.grad.flatten() for p in model.parameters()])
-    err = (grads["reversible"] - grads["autograd"]).norm() / grads["autograd"].norm()
-    assert err < 1e-10
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    assert_reversible_matches_autograd(model, x, loss=lambda out: out.logsumexp(-1).sum(), seed=11, rtol=1e-10)
 
 
 def test_reversible_memory_is_smaller_than_autograd():
@@ -130,17 +132,27 @@ def test_forward_intermediates_gives_block_maps_and_the_final_features():
 
 def test_reversible_segments_give_the_same_gradients_as_autograd():
     model = tiny(depth=5, drop_path_rate=0.3).double()
+    model.head.requires_grad_(False)  # forward_intermediates stops before the classifier
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    grads = {}
-    for mode in ("reversible", "autograd"):
-        model.set_backprop(mode)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(3)
-        final, maps = model.forward_intermediates(x, indices=[0, 2])
-        (final.square().sum() + sum(m.sin().sum() for m in maps)).backward()
-        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-    assert grads["reversible"].numel() == grads["autograd"].numel() > 0
-    assert ((grads["reversible"] - grads["autograd"]).norm() / grads["autograd"].norm()) < 1e-10
+    assert_reversible_matches_autograd(
+        model, x, forward=lambda m, v: m.forward_intermediates(v, indices=[0, 2]), seed=3, rtol=1e-10,
+        loss=lambda out: out[0].square().sum() + sum(m.sin().sum() for m in out[1]))
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_checkpoint_filter_fn_maps_official_keys_onto_the_model(fused_qkv):
+    source, model = tiny(depth=2), tiny(depth=2)
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))
+    official = official_state_dict(source, fused_qkv=fused_qkv)
+    assert any(k.startswith("rev_backbone.layers.1.F.attn.") for k in official)
+    model.load_state_dict(checkpoint_filter_fn({"model_state": official}, model), strict=True)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    ours = source.state_dict()
+    assert checkpoint_filter_fn(ours, model) is ours  # a state dict in our format passes through
+    with pytest.raises(ValueError, match="no place in RevViT: .*rev_backbone.layers.1.F.attn.extra"):
+        checkpoint_filter_fn({**official, "rev_backbone.layers.1.F.attn.extra.weight": torch.zeros(1)}, model)
 
 
 def test_features_only_through_timm():

@@ -6,23 +6,26 @@ A SlowFast checkpoint is a torch pickle of a dict: `model_state` (the state dict
 the training config), `epoch`, `optimizer_state`. It is read with `torch.load(weights_only=True)`:
 tensors and plain data only, no code runs. The config, merged over the official defaults, decides the
 architecture (`slowfast_config.read_arch`); every official key is then mapped to exactly one key of the
-model and every model key must be filled, with the right shape, or nothing is loaded.
+model by the model family's own `official_to_revvit` (the renaming its timm `checkpoint_filter_fn` uses),
+and every model key must be filled, with the right shape, or nothing is loaded.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import re
+import types
 import zipfile
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..models import mvit, vit
 from .errors import CheckpointError
 from .slowfast_config import UnsupportedConfig, merge_defaults, parse_cfg, read_arch
 
-__all__ = ["load_slowfast", "load_slowfast_with_info", "read_checkpoint", "official_to_revvit", "build_model",
+__all__ = ["load_slowfast", "load_slowfast_with_info", "read_checkpoint", "load_mapped", "build_family_model",
            "MODEL_FAMILIES"]
 
 
@@ -60,7 +63,6 @@ class _CfgNodeUnpickler(pickle.Unpickler):
 
 
 def _restricted_pickle_module() -> Any:
-    import types
     module = types.ModuleType("revvit_restricted_pickle")
     module.Unpickler = _CfgNodeUnpickler
     module.load = lambda f, **kw: _CfgNodeUnpickler(f, **kw).load()
@@ -136,115 +138,29 @@ def _entries(ckpt: Any, path: str) -> tuple[dict, Any]:
     return dict(state), ckpt["cfg"]
 
 
-def _clean_keys(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Strip the DistributedDataParallel prefix and activation-checkpoint wrapper names."""
-    out = {}
-    for key, value in state.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
-        key = key.replace("_checkpoint_wrapped_module.", "")
-        out[key] = value
-    return out
-
-
 # -- model families -------------------------------------------------------------------------------
 
-def _families() -> dict[str, tuple[type, type]]:
-    from ..models.mvit import MViTConfig, RevMViT
-    from ..models.vit import RevViT, RevViTConfig
-
-    return {"RevViT": (RevViT, RevViTConfig), "RevMViT": (RevMViT, MViTConfig)}
-
-
-MODEL_FAMILIES = _families()
+class Family(NamedTuple):
+    """A revvit model family an official config can describe: its class, config and official key renaming."""
+    cls: type
+    config: type
+    official_to_revvit: Callable[..., tuple[dict[str, Tensor], list[str]]]
 
 
-def build_model(family: str, kwargs: Mapping[str, Any]) -> nn.Module:
+MODEL_FAMILIES = {
+    "RevViT": Family(vit.RevViT, vit.RevViTConfig, vit.official_to_revvit),
+    "RevMViT": Family(mvit.RevMViT, mvit.MViTConfig, mvit.official_to_revvit),
+}
+
+
+def build_family_model(family: str, kwargs: Mapping[str, Any]) -> nn.Module:
     """Instantiate a revvit model family ("RevViT", "RevMViT") from constructor kwargs."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown revvit model family {family!r}; known: {sorted(MODEL_FAMILIES)}")
-    cls, _ = MODEL_FAMILIES[family]
-    return cls(**dict(kwargs))
+    return MODEL_FAMILIES[family].cls(**dict(kwargs))
 
 
-# -- key mapping ----------------------------------------------------------------------------------
-
-_LAYER = re.compile(r"^rev_backbone\.layers\.(\d+)\.(.+)$")
-
-
-def _vit_layer(model: nn.Module, index: int) -> str:
-    return f"stack.blocks.{index}"
-
-
-def _mvit_layer(model: nn.Module, index: int) -> str:
-    return model.layer_names[index]
-
-
-def _rename_layer_rest(rest: str, transition: bool) -> Optional[str]:
-    """The part of an official layer key after `rev_backbone.layers.{i}.` in revvit's naming."""
-    for old, new in (("F.", "f."), ("G.", "g.")):
-        if rest.startswith(old):
-            return new + rest[len(old):]
-    if transition:
-        if rest.startswith("pre_q_fuse.fuse_fn."):
-            return "fuse.mlp." + rest[len("pre_q_fuse.fuse_fn."):]
-        if rest.startswith("res_proj."):
-            return rest
-    return None
-
-
-_CLASS_TOKEN_KEYS = ("cls_token", "pos_embed_class")
-
-
-def official_to_revvit(state: Mapping[str, Tensor], model: nn.Module,
-                       skip_class_token: bool = False) -> tuple[dict[str, Tensor], list[str]]:
-    """Rename an official state dict to `model`'s keys. Returns (renamed, official keys with no place):
-    a renamed key the model does not have is reported under its official name.
-
-    A fused `F.attn.qkv` is split into q, k, v when the model has separate projections (Rev-ViT): rows
-    [0, C) are q, [C, 2C) k and [2C, 3C) v, the order the official attention reshapes them in.
-    `skip_class_token` drops `cls_token` / `pos_embed_class` (for a config with MVIT.CLS_EMBED_ON,
-    which the official reversible model cannot use: its loader skips weights the model lacks).
-    """
-    own = model.state_dict()
-    is_vit = hasattr(model, "stack")
-    layer_name: Callable[[nn.Module, int], str] = _vit_layer if is_vit else _mvit_layer
-    n_layers = len(model.stack) if is_vit else len(model.layer_names)
-    transitions = set() if is_vit else {s.index for s in model.specs if s.transition}
-    out: dict[str, Tensor] = {}
-    unused: list[str] = []
-    for key, value in _clean_keys(state).items():
-        if skip_class_token and key in _CLASS_TOKEN_KEYS:
-            continue
-        new: Optional[str] = None
-        match = _LAYER.match(key)
-        if match:
-            index, rest = int(match.group(1)), match.group(2)
-            if index < n_layers:
-                rest = _rename_layer_rest(rest, index in transitions)
-                if rest is not None:
-                    new = f"{layer_name(model, index)}.{rest}"
-        elif key.startswith("head.projection."):
-            new = "head." + key[len("head.projection."):]
-        elif key in ("pos_embed", "pos_embed_spatial", "pos_embed_temporal") or key.startswith(
-                ("patch_embed.proj.", "norm.")):
-            new = key
-        if new is None:
-            unused.append(key)
-            continue
-        if new.endswith((".attn.qkv.weight", ".attn.qkv.bias")) and new not in own:
-            base, kind = new.rsplit(".qkv.", 1)
-            parts = [f"{base}.{name}.{kind}" for name in ("q", "k", "v")]
-            if all(p in own for p in parts) and value.shape[0] % 3 == 0:
-                for p, chunk in zip(parts, value.chunk(3, dim=0)):
-                    out[p] = chunk.clone()
-                continue
-        if new not in own:
-            unused.append(key)
-            continue
-        out[new] = value
-    return out, unused
-
+# -- loading --------------------------------------------------------------------------------------
 
 def _listing(keys: list[str], limit: int = 12) -> str:
     keys = sorted(keys)
@@ -322,11 +238,12 @@ def load_slowfast_with_info(path: os.PathLike | str, **overrides: Any) -> tuple[
         raise CheckpointError(path, f"the config describes a {family}, which this revvit install does not provide")
     kwargs = {**spec.kwargs, **overrides}
     try:
-        model = build_model(family, kwargs)
+        model = build_family_model(family, kwargs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(path, f"cannot build the {family} the config describes ({e})",
                               f"kwargs read from the config: {spec.kwargs}; overrides: {overrides}") from None
-    mapped, unused = official_to_revvit(state, model, skip_class_token=bool(merged["MVIT"]["CLS_EMBED_ON"]))
+    to_revvit = MODEL_FAMILIES[family].official_to_revvit
+    mapped, unused = to_revvit(state, model, skip_class_token=bool(merged["MVIT"]["CLS_EMBED_ON"]))
     load_mapped(model, mapped, unused, path, overrides)
     info = {"cfg": merged, "epoch": ckpt.get("epoch"), "family": family, "kwargs": kwargs, "notes": list(spec.notes)}
     return model.eval(), info

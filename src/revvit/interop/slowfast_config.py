@@ -5,7 +5,8 @@ A SlowFast checkpoint stores its config as YAML text (the output of the config n
 or hand-made files may hold a plain dict instead. Only the keys that decide the architecture of the
 reversible models are kept here, with the defaults of `slowfast/config/defaults.py`: a YAML value
 overrides the default, a key the YAML does not mention takes the default, exactly as SlowFast merges its
-configs.
+configs. `read_arch` translates the merged config into the options of a revvit model; the per-layer
+arithmetic (widths, heads, pooling, which layers change shape) is the model's own `layer_layout`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import yaml
+
+from ..models.mvit_layout import MViTConfig, layer_layout, parse_fusion
 
 __all__ = ["OFFICIAL_DEFAULTS", "parse_cfg", "merge_defaults", "ArchSpec", "read_arch"]
 
@@ -153,18 +156,6 @@ class UnsupportedConfig(ValueError):
     """The config describes a model revvit cannot reproduce exactly; the message lists the keys."""
 
 
-def _round_width(width: float, multiplier: float, divisor: int = 1) -> int:
-    """SlowFast's width rounding: width*multiplier to the nearest multiple of divisor (at least 1, the
-    official `min_width`), never below 90%."""
-    if not multiplier:
-        return int(width)
-    width = width * multiplier
-    out = max(1, int(width + divisor / 2) // divisor * divisor)
-    if out < 0.9 * width:
-        out += divisor
-    return int(out)
-
-
 def _seq(value: Any, name: str) -> list:
     if value is None:
         return []
@@ -202,82 +193,31 @@ def _check_supported(c: Mapping) -> list[str]:
     if _seq(rev["BUFFER_LAYERS"], "MVIT.REV.BUFFER_LAYERS"):
         need(rev["RES_PATH"] == "conv", "MVIT.REV.RES_PATH", rev["RES_PATH"], "'conv'")
         fusion = rev["PRE_Q_FUSION"]
-        need(fusion == "avg" or _concat_linear_mult(fusion) is not None, "MVIT.REV.PRE_Q_FUSION",
-             fusion, "'avg' or 'concat_linear[_<mult>[_<dropout>]]'")
+        need(_fusion_option(fusion) is not None, "MVIT.REV.PRE_Q_FUSION", fusion,
+             "'avg' or 'concat_linear[_<mult>[_<dropout>]]'")
     return problems
 
 
-def _concat_linear_mult(mode: Any) -> float | None:
-    """The hidden multiplier of a 'concat_linear[_<mult>]' fusion (no dropout part, no 'ln+'), else None."""
-    if not isinstance(mode, str) or not mode.startswith("concat_linear"):
+def _fusion_option(mode: Any) -> Optional[str]:
+    """The model's `pre_q_fusion` for an official PRE_Q_FUSION, or None if the model has no such fusion.
+
+    The official "concat_linear_<mult>_<dropout>" has a dropout part that acts in training only; the rest
+    is the model's to parse.
+    """
+    if not isinstance(mode, str):
         return None
     parts = mode.split("_")
-    try:
-        if len(parts) == 2:
-            return 1.0
-        if len(parts) == 3:
-            return float(parts[2])
-        if len(parts) == 4:  # concat_linear_<mult>_<droprate>: dropout only matters in training
+    if mode.startswith("concat_linear") and len(parts) == 4:
+        try:
             float(parts[3])
-            return float(parts[2])
+        except ValueError:
+            return None
+        mode = "_".join(parts[:3])
+    try:
+        mult = parse_fusion(mode)
     except ValueError:
         return None
-    return None
-
-
-def _layer_table(c: Mapping) -> dict:
-    """Per-layer Q/KV kernels and strides, dims and heads, as SlowFast's MViT builder derives them."""
-    m = c["MVIT"]
-    depth = int(m["DEPTH"])
-    dim_mul, head_mul = [1.0] * (depth + 1), [1.0] * (depth + 1)
-    for i, mul in _seq(m["DIM_MUL"], "MVIT.DIM_MUL"):
-        dim_mul[int(i)] = float(mul)
-    for i, mul in _seq(m["HEAD_MUL"], "MVIT.HEAD_MUL"):
-        head_mul[int(i)] = float(mul)
-    kernel = m["POOL_KVQ_KERNEL"]
-    stride_q: list[list[int]] = [[] for _ in range(depth)]
-    kernel_q: list[list[int]] = [[] for _ in range(depth)]
-    for entry in _seq(m["POOL_Q_STRIDE"], "MVIT.POOL_Q_STRIDE"):
-        i, s = int(entry[0]), [int(v) for v in entry[1:]]
-        stride_q[i] = s
-        kernel_q[i] = list(kernel) if kernel is not None else [v + 1 if v > 1 else v for v in s]
-    kv_entries = _seq(m["POOL_KV_STRIDE"], "MVIT.POOL_KV_STRIDE")
-    if m["POOL_KV_STRIDE_ADAPTIVE"] is not None:
-        current = [int(v) for v in m["POOL_KV_STRIDE_ADAPTIVE"]]
-        kv_entries = []
-        for i in range(depth):
-            if stride_q[i]:
-                current = [max(s // q, 1) for s, q in zip(current, stride_q[i])]
-            kv_entries.append([i] + current)
-    stride_kv: list[list[int]] = [[] for _ in range(depth)]
-    kernel_kv: list[list[int]] = [[] for _ in range(depth)]
-    for entry in kv_entries:
-        i, s = int(entry[0]), [int(v) for v in entry[1:]]
-        stride_kv[i] = s
-        kernel_kv[i] = list(kernel) if kernel is not None else [v + 1 if v > 1 else v for v in s]
-
-    embed, heads = int(m["EMBED_DIM"]), int(m["NUM_HEADS"])
-    dims_in, dims_out, layer_heads = [], [], []
-    for i in range(depth):
-        heads = _round_width(heads, head_mul[i])
-        embed = _round_width(embed, dim_mul[i - 1] if i > 0 else 1.0, divisor=heads)
-        out = _round_width(embed, dim_mul[i], divisor=_round_width(heads, head_mul[i + 1]))
-        dims_in.append(embed)
-        dims_out.append(out)
-        layer_heads.append(heads)
-    return dict(depth=depth, dims_in=dims_in, dims_out=dims_out, heads=layer_heads, kernel_q=kernel_q,
-                stride_q=stride_q, kernel_kv=kernel_kv, stride_kv=stride_kv, dim_mul=dim_mul)
-
-
-def _pools(kernel: list[int], stride: list[int]) -> bool:
-    """Whether the official attention builds a pooling for this kernel/stride (skipped when both are 1s)."""
-    prod_k = 1
-    for v in kernel:
-        prod_k *= v
-    prod_s = 1
-    for v in stride:
-        prod_s *= v
-    return not (prod_k == 1 and prod_s == 1)
+    return "avg" if mult is None else f"concat_linear_{mult:g}"
 
 
 def read_arch(cfg: Mapping) -> ArchSpec:
@@ -301,21 +241,7 @@ def read_arch(cfg: Mapping) -> ArchSpec:
     if int(data.get("TEST_CROP_SIZE", data["TRAIN_CROP_SIZE"])) != int(data["TRAIN_CROP_SIZE"]):
         notes.append(f"DATA.TEST_CROP_SIZE={data['TEST_CROP_SIZE']} differs from DATA.TRAIN_CROP_SIZE="
                      f"{data['TRAIN_CROP_SIZE']}; the model is built for the training crop, as the official MViT")
-    t = _layer_table(c)
-    depth = t["depth"]
     buffers = sorted(int(i) for i in _seq(rev["BUFFER_LAYERS"], "MVIT.REV.BUFFER_LAYERS"))
-    bad = [i for i in buffers if not 0 <= i < depth]
-    if bad:
-        raise UnsupportedConfig(f"MVIT.REV.BUFFER_LAYERS {bad} are outside the {depth} layers")
-    # A reversible block must keep its width and its token count; the official code would fail otherwise.
-    for i in range(depth):
-        if i in buffers:
-            continue
-        if t["dims_out"][i] != t["dims_in"][i] or (t["stride_q"][i] and _pools([1], t["stride_q"][i])):
-            raise UnsupportedConfig(
-                f"layer {i} changes the width or Q-pools but is not in MVIT.REV.BUFFER_LAYERS {buffers}: "
-                "the official reversible model cannot run this config")
-
     in_chans = int(_seq(data["INPUT_CHANNEL_NUM"], "DATA.INPUT_CHANNEL_NUM")[0])
     crop = int(data["TRAIN_CROP_SIZE"])
     frames = int(data["NUM_FRAMES"])
@@ -331,27 +257,9 @@ def read_arch(cfg: Mapping) -> ArchSpec:
         raise UnsupportedConfig(f"MVIT.PATCH_2D=True needs DATA.NUM_FRAMES=1 (the official position embedding "
                                 f"covers NUM_FRAMES grids), got {frames}")
 
-    any_pool = any(_pools(t["kernel_q"][i], t["stride_q"][i]) if t["kernel_q"][i] or t["stride_q"][i] else False
-                   for i in range(depth))
-    any_pool = any_pool or any(_pools(t["kernel_kv"][i], t["stride_kv"][i])
-                               for i in range(depth) if t["kernel_kv"][i] or t["stride_kv"][i])
-    vit_like = (patch_2d and not buffers and not any_pool and kernel == stride and padding == [0, 0]
-                and not m["SEP_POS_EMBED"] and all(d == t["dims_in"][0] for d in t["dims_out"])
-                and len(set(t["heads"])) == 1 and kernel[0] == kernel[1] and crop % kernel[0] == 0)
-    common = dict(num_classes=int(model["NUM_CLASSES"]), in_chans=in_chans, mlp_ratio=float(m["MLP_RATIO"]),
-                  qkv_bias=bool(m["QKV_BIAS"]), drop_rate=float(model["DROPOUT_RATE"]),
-                  drop_path_rate=float(m["DROPPATH_RATE"]))
-    if vit_like:
-        kwargs = dict(img_size=crop, patch_size=kernel[0], embed_dim=t["dims_in"][0], depth=depth,
-                      num_heads=t["heads"][0], **common)
-        return ArchSpec("RevViT", kwargs, notes)
-
-    fusion = rev["PRE_Q_FUSION"]
-    mult = _concat_linear_mult(fusion)
-    if mult is not None:  # "concat_linear_<m>_<drop>": the dropout acts in training only
-        if len(fusion.split("_")) == 4 and float(fusion.split("_")[3]) > 0:
-            notes.append(f"MVIT.REV.PRE_Q_FUSION={fusion!r}: its training-time dropout is not reproduced")
-        fusion = f"concat_linear_{mult:g}"
+    official_fusion, fusion = rev["PRE_Q_FUSION"], _fusion_option(rev["PRE_Q_FUSION"])
+    if fusion not in (None, "avg") and official_fusion.count("_") == 3 and float(official_fusion.split("_")[3]) > 0:
+        notes.append(f"MVIT.REV.PRE_Q_FUSION={official_fusion!r}: its training-time dropout is not reproduced")
     if not buffers:
         fusion = "avg"  # no transition: the fusion is never used (Rev-ViT configs say "concat")
 
@@ -363,10 +271,30 @@ def read_arch(cfg: Mapping) -> ArchSpec:
 
     kwargs = dict(
         img_size=crop, num_frames=frames, patch_2d=patch_2d, patch_kernel=tuple(kernel),
-        patch_stride=tuple(stride), patch_padding=tuple(padding), embed_dim=int(m["EMBED_DIM"]), depth=depth,
-        num_heads=int(m["NUM_HEADS"]), dim_mul=pairs("DIM_MUL"), head_mul=pairs("HEAD_MUL"),
+        patch_stride=tuple(stride), patch_padding=tuple(padding), embed_dim=int(m["EMBED_DIM"]),
+        depth=int(m["DEPTH"]), num_heads=int(m["NUM_HEADS"]), dim_mul=pairs("DIM_MUL"), head_mul=pairs("HEAD_MUL"),
         pool_q_stride=pairs("POOL_Q_STRIDE"), pool_kvq_kernel=opt("POOL_KVQ_KERNEL"),
         pool_kv_stride=pairs("POOL_KV_STRIDE"), pool_kv_stride_adaptive=opt("POOL_KV_STRIDE_ADAPTIVE"),
         separate_qkv=bool(m["SEPARATE_QKV"]), sep_pos_embed=bool(m["SEP_POS_EMBED"]),
-        transition_layers=tuple(buffers), pre_q_fusion=fusion, **common)
+        transition_layers=tuple(buffers), pre_q_fusion=fusion, num_classes=int(model["NUM_CLASSES"]),
+        in_chans=in_chans, mlp_ratio=float(m["MLP_RATIO"]), qkv_bias=bool(m["QKV_BIAS"]),
+        drop_rate=float(model["DROPOUT_RATE"]), drop_path_rate=float(m["DROPPATH_RATE"]))
+    # The model's own layout decides widths, heads and pooling, and refuses a reversible block that changes
+    # shape (the official code would fail on it too).
+    try:
+        specs = layer_layout(MViTConfig(**kwargs), reversible=True)
+    except ValueError as e:
+        raise UnsupportedConfig(f"the official reversible model cannot run this config (MVIT.REV.BUFFER_LAYERS="
+                                f"{buffers} are its transition_layers): {e}") from None
+
+    pools = any(s.stride_q or s.kernel_q or s.stride_kv or s.kernel_kv for s in specs)
+    vit_like = (patch_2d and not buffers and not pools and kernel == stride and padding == [0, 0]
+                and not m["SEP_POS_EMBED"] and all(s.dim_out == specs[0].dim for s in specs)
+                and len({s.num_heads for s in specs}) == 1 and kernel[0] == kernel[1] and crop % kernel[0] == 0)
+    if vit_like:
+        vit = dict(img_size=crop, patch_size=kernel[0], embed_dim=specs[0].dim, depth=len(specs),
+                   num_heads=specs[0].num_heads)
+        vit.update({k: kwargs[k] for k in ("num_classes", "in_chans", "mlp_ratio", "qkv_bias", "drop_rate",
+                                           "drop_path_rate")})
+        return ArchSpec("RevViT", vit, notes)
     return ArchSpec("RevMViT", kwargs, notes)

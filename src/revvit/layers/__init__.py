@@ -1,10 +1,11 @@
 """Building blocks shared by the model families."""
-from .attention import Attention
+from .attention import Attention, AttentionBranch
 from .classifier import TokenClassifierMixin
-from .mlp import Mlp
+from .mlp import Mlp, MlpBranch
 from .patch_embed import PatchEmbed, check_image_input
-from .patch_embed3d import PatchEmbed3d, check_video_input
-from .pooling_attention import PoolingAttention, pooled_grid
+from .patch_embed3d import PatchEmbed3d, check_video_input, patch_grid
+from .pooling_attention import Grid, PoolingAttention, PoolingAttentionBranch, pooled_grid
 
-__all__ = ["Attention", "Mlp", "PatchEmbed", "PatchEmbed3d", "PoolingAttention", "TokenClassifierMixin",
-           "check_image_input", "check_video_input", "pooled_grid"]
+__all__ = ["Attention", "AttentionBranch", "Grid", "Mlp", "MlpBranch", "PatchEmbed", "PatchEmbed3d",
+           "PoolingAttention", "PoolingAttentionBranch", "TokenClassifierMixin", "check_image_input",
+           "check_video_input", "patch_grid", "pooled_grid"]

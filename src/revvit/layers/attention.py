@@ -1,4 +1,4 @@
-"""Global multi-head self-attention through `scaled_dot_product_attention`."""
+"""Global multi-head self-attention through `scaled_dot_product_attention`, and Rev-ViT's F branch."""
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -31,3 +31,16 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+
+class AttentionBranch(nn.Module):
+    """F of Rev-ViT: LayerNorm -> multi-head self-attention, (B, N, D) -> (B, N, D). No residual: the
+    stream adds it."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(self.norm(x))

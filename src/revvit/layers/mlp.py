@@ -1,4 +1,4 @@
-"""Two-layer perceptron used as G in reversible blocks and in stage transitions."""
+"""Two-layer perceptron, and the G branch of the reversible blocks (LayerNorm -> MLP)."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -18,3 +18,17 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class MlpBranch(nn.Module):
+    """G: LayerNorm -> Linear(D, rD) -> GELU -> Linear(rD, D), (B, N, D) -> (B, N, D). No residual: the
+    reversible stream (or the stage transition) adds it. Keys `norm`, `mlp.fc1`, `mlp.fc2` follow the
+    official `G` sub-block."""
+
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm(x))

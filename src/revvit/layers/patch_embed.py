@@ -3,11 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from timm.layers import to_2tuple
 from torch import Tensor, nn
-
-
-def _pair(x: int | Sequence[int]) -> tuple[int, int]:
-    return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
 class PatchEmbed(nn.Module):
@@ -20,8 +17,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int | Sequence[int] = 224, patch_size: int | Sequence[int] = 16,
                  in_chans: int = 3, embed_dim: int = 768):
         super().__init__()
-        self.img_size = _pair(img_size)
-        self.patch_size = _pair(patch_size)
+        self.img_size = to_2tuple(img_size)
+        self.patch_size = to_2tuple(patch_size)
         for s, p in zip(self.img_size, self.patch_size):
             if s % p:
                 raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")

@@ -9,20 +9,35 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from timm.layers import to_2tuple, to_ntuple
 from torch import Tensor, nn
 
 from .pooling_attention import Grid
 
 
-def _tuple(x: int | Sequence[int], n: int) -> tuple[int, ...]:
-    x = (x,) * n if isinstance(x, int) else tuple(int(v) for v in x)
+def _ntuple(x: int | Sequence[int], n: int, what: str) -> tuple[int, ...]:
+    """timm's to_ntuple, plus the length check it does not make (a wrong length would fail deep in a conv)."""
+    x = to_ntuple(n)(x)
     if len(x) != n:
-        raise ValueError(f"expected {n} values, got {x}")
+        raise ValueError(f"patch {what} needs {n} values for a {'2' if n == 2 else '3'}-D stem, got {x}")
     return x
 
 
-def _conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - kernel) // stride + 1
+def patch_grid(img_size: int | Sequence[int], num_frames: int, kernel: Sequence[int], stride: Sequence[int],
+               padding: Sequence[int], conv_2d: bool) -> Grid:
+    """The token grid (T', H', W') of the stem on (num_frames, H, W) input, without building it."""
+    n = 2 if conv_2d else 3
+    kernel, stride, padding = (_ntuple(v, n, w) for v, w in ((kernel, "kernel"), (stride, "stride"),
+                                                              (padding, "padding")))
+    if conv_2d:
+        if num_frames != 1:
+            raise ValueError(f"a 2-D patch embedding takes images (num_frames=1), got num_frames={num_frames}")
+        kernel, stride, padding = (1,) + kernel, (1,) + stride, (0,) + padding
+    sizes = (int(num_frames),) + to_2tuple(img_size)
+    grid = tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(sizes, kernel, stride, padding))
+    if min(grid) < 1:
+        raise ValueError(f"input {sizes} is too small for a patch kernel {kernel} with padding {padding}")
+    return grid  # type: ignore[return-value]
 
 
 class PatchEmbed3d(nn.Module):
@@ -36,31 +51,17 @@ class PatchEmbed3d(nn.Module):
                  embed_dim: int = 96, kernel: Sequence[int] = (3, 7, 7), stride: Sequence[int] = (2, 4, 4),
                  padding: Sequence[int] = (1, 3, 3), conv_2d: bool = False):
         super().__init__()
-        self.img_size = _tuple(img_size, 2)
+        self.grid_size: Grid = patch_grid(img_size, num_frames, kernel, stride, padding, conv_2d)
+        self.img_size = to_2tuple(img_size)
         self.num_frames = int(num_frames)
         self.in_chans = in_chans
         self.conv_2d = conv_2d
         n = 2 if conv_2d else 3
-        kernel, stride, padding = _tuple(kernel, n), _tuple(stride, n), _tuple(padding, n)
+        kernel, stride, padding = to_ntuple(n)(kernel), to_ntuple(n)(stride), to_ntuple(n)(padding)
         conv = nn.Conv2d if conv_2d else nn.Conv3d
         self.proj = conv(in_chans, embed_dim, kernel_size=kernel, stride=stride, padding=padding)
-        if conv_2d:
-            if self.num_frames != 1:
-                raise ValueError(f"a 2-D patch embedding takes images (num_frames=1), got num_frames={num_frames}")
-            kernel, stride, padding = (1,) + kernel, (1,) + stride, (0,) + padding
-        self.stride: tuple[int, int, int] = stride  # type: ignore[assignment]
-        sizes = (self.num_frames,) + self.img_size
-        self.grid_size: Grid = tuple(_conv_out(s, k, st, p) for s, k, st, p in zip(sizes, kernel, stride, padding))  # type: ignore
-        if min(self.grid_size) < 1:
-            raise ValueError(f"input {sizes} is too small for a patch kernel {kernel} with padding {padding}")
+        self.stride: tuple[int, int, int] = (1,) + stride if conv_2d else stride  # type: ignore[assignment]
         self.num_patches = self.grid_size[0] * self.grid_size[1] * self.grid_size[2]
-
-    @property
-    def expected_shape(self) -> str:
-        h, w = self.img_size
-        if self.num_frames == 1:
-            return f"(batch, {self.in_chans}, {h}, {w})"
-        return f"(batch, {self.in_chans}, {self.num_frames}, {h}, {w})"
 
     def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
         """(B, C, [T,] H, W) -> tokens (B, N, D) and their grid (T', H', W')."""

@@ -12,16 +12,18 @@ import math
 from typing import Optional, Sequence
 
 import torch.nn.functional as F
+from timm.layers import to_3tuple
 from torch import Tensor, nn
 
 Grid = tuple[int, int, int]
 
 
 def _triple(x: Optional[Sequence[int]]) -> tuple[int, int, int]:
-    x = tuple(int(v) for v in (x or ()))
-    if len(x) not in (0, 3):
+    """timm's to_3tuple, with "no pooling" (None or ()) as (1, 1, 1) and a check of the length."""
+    x = to_3tuple(x) if x else (1, 1, 1)
+    if len(x) != 3:
         raise ValueError(f"pooling kernels and strides are (t, h, w) triples, got {x}")
-    return x if x else (1, 1, 1)
+    return x
 
 
 def pooled_grid(grid: Sequence[int], kernel: Sequence[int], stride: Sequence[int]) -> Grid:
@@ -87,12 +89,6 @@ class PoolingAttention(nn.Module):
             self.add_module(f"pool_{name}", _depthwise_pool(hd, kernel, stride) if on else None)
             self.add_module(f"norm_{name}", nn.LayerNorm(hd, eps=1e-6) if on else None)
 
-    def output_grid(self, grid: Sequence[int]) -> Grid:
-        """The token grid of the output (Q pooling decides it)."""
-        if self.pool_q is None:
-            return tuple(grid)  # type: ignore[return-value]
-        return pooled_grid(grid, self.kernel_q, self.stride_q)
-
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
@@ -124,3 +120,20 @@ class PoolingAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, q=(kernel {self.kernel_q}, stride {self.stride_q}), "
                 f"kv=(kernel {self.kernel_kv}, stride {self.stride_kv})")
+
+
+class PoolingAttentionBranch(nn.Module):
+    """F of Rev-MViT: LayerNorm -> pooling attention on the fixed grid `grid`; (B, N, dim) -> (B, N', dim_out).
+
+    The grid is fixed at construction because the reversible engine calls F with one tensor. `kwargs` go
+    to PoolingAttention (qkv layout, pooling kernels and strides).
+    """
+
+    def __init__(self, dim: int, dim_out: int, num_heads: int, grid: Grid, **kwargs):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = PoolingAttention(dim, dim_out, num_heads, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.attn(self.norm(x), self.grid)[0]

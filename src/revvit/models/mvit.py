@@ -6,18 +6,16 @@
               width change and Q pooling with an ordinary residual; head LN([Y1, Y2]) -> mean -> Linear
     MViT:     the same layers as pre-norm residual blocks on one stream; head LN(x) -> mean -> Linear
 
-One config describes both (`MViTConfig`): widths and heads grow by `dim_mul`/`head_mul` at given
-layers, `pool_q_stride` downsamples at given layers, K/V strides start at `pool_kv_stride_adaptive` and
-shrink with every Q stride. In Rev-MViT every layer that changes the width or resolution must be one of
-`transition_layers` (the official BUFFER_LAYERS). The layer arithmetic (rounding of widths, K/V
-strides, pooling kernels, fusion, the transition's residual path) follows the official release, and an
-official checkpoint loads through `checkpoint_filter_fn` (renames only).
+One config describes both (`MViTConfig`); `layer_layout` (in `mvit_layout`) turns it into one `LayerSpec`
+per layer, and the models here build their modules from those specs. The transition's residual path
+follows the official release, and an official checkpoint loads through `checkpoint_filter_fn` (renames
+only).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from typing import Optional, Sequence, Union
+from dataclasses import fields
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from timm.layers import DropPath, drop_path, trunc_normal_
@@ -26,219 +24,21 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Mlp, PatchEmbed3d, PoolingAttention, TokenClassifierMixin, pooled_grid
-from ..layers.pooling_attention import Grid
+from ..layers import Grid, Mlp, MlpBranch, PatchEmbed3d, PoolingAttention, PoolingAttentionBranch, TokenClassifierMixin
 from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, records_graph
-from .vit import MlpBranch, _cfg, init_weights_official, known_options
+from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
+from .mvit_layout import LayerSpec, MViTConfig, layer_layout, parse_fusion
 
-__all__ = ["MViTConfig", "LayerSpec", "layer_layout", "RevMViT", "MViT", "checkpoint_filter_fn"]
-
-
-# -- configuration --------------------------------------------------------------------------------
-
-@dataclass
-class MViTConfig:
-    """Everything that defines a Rev-MViT / MViT. Per-layer lists use the official `[layer, ...]` format.
-
-    `stage_depths` is a shorthand: stages of (d0, d1, ...) layers where each stage after the first opens
-    with a layer that doubles width and heads and pools Q by (1, 2, 2) (a transition in Rev-MViT). When
-    given it sets depth, dim_mul, head_mul and pool_q_stride (and transition_layers, unless given).
-    """
-    img_size: int = 224
-    num_frames: int = 1
-    in_chans: int = 3
-    num_classes: int = 1000
-    embed_dim: int = 96
-    depth: int = 16
-    num_heads: int = 1
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    separate_qkv: bool = True  # q, k, v Linear layers (ImageNet release) or one fused qkv (Kinetics)
-    dim_mul: tuple = ((1, 2.0), (3, 2.0), (14, 2.0))  # (layer, multiplier): width grows *at* that layer
-    head_mul: tuple = ((1, 2.0), (3, 2.0), (14, 2.0))
-    pool_q_stride: tuple = ((1, 1, 2, 2), (3, 1, 2, 2), (14, 1, 2, 2))  # (layer, st, sh, sw)
-    pool_kvq_kernel: Optional[tuple] = (1, 3, 3)  # None: kernel s+1 (s > 1) or 1 from each stride
-    pool_kv_stride_adaptive: Optional[tuple] = (1, 4, 4)  # K/V stride of layer 0, divided by each Q stride
-    pool_kv_stride: tuple = ()  # explicit (layer, st, sh, sw) entries, used when the adaptive one is None
-    transition_layers: Optional[tuple] = None  # Rev-MViT only; None: every layer that changes shape
-    pre_q_fusion: str = "concat_linear_2"  # Rev-MViT only: "concat_linear_<mult>" (2C) or "avg" (C)
-    sep_pos_embed: bool = False  # separate spatial (1, HW, C) and temporal (1, T, C) position embeddings
-    patch_kernel: tuple = (7, 7)
-    patch_stride: tuple = (4, 4)
-    patch_padding: tuple = (3, 3)
-    patch_2d: bool = True  # Conv2d stem (images) or Conv3d stem (video, triples above)
-    drop_rate: float = 0.0  # dropout before the classifier
-    drop_path_rate: float = 0.1  # linear in the layer index over all layers (transitions included)
-    global_pool: str = "avg"
-    stage_depths: Optional[tuple] = None
-
-    def __post_init__(self):
-        if self.stage_depths is not None:
-            depths = tuple(int(d) for d in self.stage_depths)
-            if not depths or min(depths) < 1:
-                raise ValueError(f"stage_depths must be positive layer counts, got {self.stage_depths}")
-            starts = [sum(depths[:k]) for k in range(1, len(depths))]
-            self.stage_depths = depths
-            self.depth = sum(depths)
-            self.dim_mul = self.head_mul = tuple((i, 2.0) for i in starts)
-            self.pool_q_stride = tuple((i, 1, 2, 2) for i in starts)
-            if self.transition_layers is None:
-                self.transition_layers = tuple(starts)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One layer of the layout. `dim` is one stream's width in, `dim_out` the width out."""
-    index: int
-    dim: int
-    dim_out: int
-    num_heads: int
-    grid: Grid
-    grid_out: Grid
-    kernel_q: tuple
-    stride_q: tuple
-    kernel_kv: tuple
-    stride_kv: tuple
-    transition: bool
-    drop_path: float
-
-    @property
-    def changes_shape(self) -> bool:
-        return self.dim != self.dim_out or self.grid != self.grid_out
-
-
-def round_width(width: float, multiplier: float, divisor: int = 1) -> int:
-    """The official width rounding: width*multiplier to a multiple of divisor, never more than 10% down."""
-    width = width * multiplier
-    out = max(1, int(width + divisor / 2) // divisor * divisor)
-    if out < 0.9 * width:
-        out += divisor
-    return int(out)
-
-
-def _kernel_for(stride: Sequence[int], kernel: Optional[Sequence[int]]) -> tuple:
-    return tuple(kernel) if kernel is not None else tuple(s + 1 if s > 1 else s for s in stride)
-
-
-def _per_layer(entries: Sequence[Sequence], depth: int, what: str, allow_end: bool = False) -> dict[int, tuple]:
-    out = {}
-    for entry in entries:
-        i, *values = entry
-        top = depth if allow_end else depth - 1
-        if not 0 <= int(i) <= top:
-            raise ValueError(f"{what} names layer {i}, but the model has layers 0..{depth - 1}")
-        out[int(i)] = tuple(values)
-    return out
-
-
-def layer_layout(cfg: MViTConfig, grid: Grid, reversible: bool = True) -> list[LayerSpec]:
-    """Per-layer widths, heads, grids and pooling of `cfg` on an input token grid; validates the layout.
-
-    Raises ValueError on an invalid layout, naming the layer and the fix.
-    """
-    depth = cfg.depth
-    if depth < 1:
-        raise ValueError(f"depth must be at least 1, got {depth}")
-    dim_mul, head_mul = [1.0] * (depth + 1), [1.0] * (depth + 1)
-    for i, (m,) in _per_layer(cfg.dim_mul, depth, "dim_mul", allow_end=True).items():
-        dim_mul[i] = float(m)
-    for i, (m,) in _per_layer(cfg.head_mul, depth, "head_mul", allow_end=True).items():
-        head_mul[i] = float(m)
-    stride_q = _per_layer(cfg.pool_q_stride, depth, "pool_q_stride")
-    for i, s in stride_q.items():
-        if len(s) != 3:
-            raise ValueError(f"pool_q_stride entries are (layer, st, sh, sw), got {(i,) + s}")
-    if cfg.pool_kv_stride_adaptive is not None:
-        stride_kv, current = {}, tuple(cfg.pool_kv_stride_adaptive)
-        for i in range(depth):
-            if i in stride_q:
-                current = tuple(max(c // s, 1) for c, s in zip(current, stride_q[i]))
-            stride_kv[i] = current
-    else:
-        stride_kv = _per_layer(cfg.pool_kv_stride, depth, "pool_kv_stride")
-
-    specs, rates = [], torch.linspace(0, cfg.drop_path_rate, depth).tolist()
-    heads, dim = cfg.num_heads, cfg.embed_dim
-    for i in range(depth):
-        heads = round_width(heads, head_mul[i])
-        dim = round_width(dim, dim_mul[i - 1] if i > 0 else 1.0, divisor=heads)
-        dim_out = round_width(dim, dim_mul[i], divisor=round_width(heads, head_mul[i + 1]))
-        if dim_out % heads:
-            raise ValueError(f"layer {i}: width {dim_out} is not divisible by its {heads} heads")
-        sq, skv = stride_q.get(i, ()), stride_kv.get(i, ())
-        kq = _kernel_for(sq, cfg.pool_kvq_kernel) if sq else ()
-        kkv = _kernel_for(skv, cfg.pool_kvq_kernel) if skv else ()
-        if math.prod(kq) == 1 and math.prod(sq) == 1:  # a (1, 1, 1) pooling is no pooling
-            kq, sq = (), ()
-        if math.prod(kkv) == 1 and math.prod(skv) == 1:
-            kkv, skv = (), ()
-        grid_out = pooled_grid(grid, kq, sq) if sq else tuple(grid)
-        specs.append(LayerSpec(i, dim, dim_out, heads, tuple(grid), grid_out, kq, sq, kkv, skv, False, rates[i]))
-        grid = grid_out
-    if reversible:
-        specs = _mark_transitions(specs, cfg.transition_layers)
-    return specs
-
-
-def _mark_transitions(specs: list[LayerSpec], transition_layers: Optional[Sequence[int]]) -> list[LayerSpec]:
-    depth = len(specs)
-    if transition_layers is None:
-        chosen = {s.index for s in specs if s.changes_shape}
-    else:
-        chosen = {int(i) for i in transition_layers}
-        outside = sorted(i for i in chosen if not 0 <= i < depth)
-        if outside:
-            raise ValueError(f"transition_layers {outside} are outside the model's layers 0..{depth - 1}")
-    for s in specs:
-        if s.changes_shape and s.index not in chosen:
-            change = []
-            if s.dim != s.dim_out:
-                change.append(f"changes the width {s.dim}->{s.dim_out}")
-            if s.grid != s.grid_out:
-                change.append(f"pools Q with stride {s.stride_q} (grid {s.grid}->{s.grid_out})")
-            raise ValueError(f"layer {s.index} {' and '.join(change)}, but a reversible block must keep its "
-                             f"input shape: add {s.index} to transition_layers")
-    for i in sorted(chosen):
-        if i == 0 or i - 1 in chosen:
-            raise ValueError(f"transition layer {i} must follow a reversible block, whose two streams it fuses; "
-                             f"start the model and every run with a reversible layer")
-        if i == depth - 1:
-            raise ValueError(f"the last layer ({i}) is a transition; the model must end with a reversible run "
-                             f"(the head normalises its two streams)")
-    return [LayerSpec(**{**s.__dict__, "transition": s.index in chosen}) for s in specs]
-
-
-def _parse_fusion(mode: str) -> Optional[float]:
-    """None for "avg", the hidden-width multiplier for "concat_linear[_<mult>]"."""
-    if mode == "avg":
-        return None
-    parts = mode.split("_")
-    if parts[:2] == ["concat", "linear"] and len(parts) in (2, 3):
-        try:
-            return float(parts[2]) if len(parts) == 3 else 1.0
-        except ValueError:
-            pass
-    raise ValueError(f"pre_q_fusion must be 'avg' or 'concat_linear_<mult>' (e.g. 'concat_linear_2'), got {mode!r}")
+__all__ = ["MViTConfig", "LayerSpec", "layer_layout", "RevMViT", "MViT", "official_to_revvit",
+           "checkpoint_filter_fn"]
 
 
 # -- blocks ---------------------------------------------------------------------------------------
 
-class PoolingAttentionBranch(nn.Module):
-    """F: LayerNorm -> pooling attention on the fixed grid `grid`; (B, N, dim) -> (B, N', dim_out).
-
-    The grid is fixed at construction because the reversible engine calls F with one tensor.
-    """
-
-    def __init__(self, spec: LayerSpec, dim: int, qkv_bias: bool, separate_qkv: bool):
-        super().__init__()
-        self.grid = spec.grid
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = PoolingAttention(dim, spec.dim_out, spec.num_heads, qkv_bias=qkv_bias, separate_qkv=separate_qkv,
-                                     kernel_q=spec.kernel_q, stride_q=spec.stride_q,
-                                     kernel_kv=spec.kernel_kv, stride_kv=spec.stride_kv)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attn(self.norm(x), self.grid)[0]
+def _attention_options(spec: LayerSpec, cfg: MViTConfig) -> dict:
+    """The PoolingAttention options of one layer."""
+    return dict(qkv_bias=cfg.qkv_bias, separate_qkv=cfg.separate_qkv, kernel_q=spec.kernel_q, stride_q=spec.stride_q,
+                kernel_kv=spec.kernel_kv, stride_kv=spec.stride_kv)
 
 
 class StreamFusion(nn.Module):
@@ -251,7 +51,7 @@ class StreamFusion(nn.Module):
     def __init__(self, mode: str, dim: int):
         super().__init__()
         self.mode = mode
-        mult = _parse_fusion(mode)
+        mult = parse_fusion(mode)
         self.dim_out = dim if mult is None else 2 * dim
         self.mlp = None if mult is None else Mlp(2 * dim, int(2 * dim * mult), 2 * dim)
 
@@ -282,13 +82,13 @@ class StageTransition(nn.Module):
     after the forward pass.
     """
 
-    def __init__(self, spec: LayerSpec, fusion: str, mlp_ratio: float, qkv_bias: bool, separate_qkv: bool):
+    def __init__(self, spec: LayerSpec, cfg: MViTConfig):
         super().__init__()
-        self.fuse = StreamFusion(fusion, spec.dim)
+        self.fuse = StreamFusion(cfg.pre_q_fusion, spec.dim)
         dim = self.fuse.dim_out
-        self.f = PoolingAttentionBranch(spec, dim, qkv_bias, separate_qkv)
+        self.f = PoolingAttentionBranch(dim, spec.dim_out, spec.num_heads, spec.grid, **_attention_options(spec, cfg))
         self.res_proj = nn.Linear(dim, spec.dim_out) if dim != spec.dim_out else None
-        self.g = MlpBranch(spec.dim_out, mlp_ratio)
+        self.g = MlpBranch(spec.dim_out, cfg.mlp_ratio)
         self.drop_path = spec.drop_path
         self.recompute = True
 
@@ -318,13 +118,11 @@ class MViTBlock(nn.Module):
     width changes and max-pooled (kernel s+1, stride s) when Q is strided, as in the official MViTv2 block.
     """
 
-    def __init__(self, spec: LayerSpec, mlp_ratio: float, qkv_bias: bool, separate_qkv: bool):
+    def __init__(self, spec: LayerSpec, cfg: MViTConfig):
         super().__init__()
         self.grid = spec.grid
         self.norm1 = nn.LayerNorm(spec.dim, eps=1e-6)
-        self.attn = PoolingAttention(spec.dim, spec.dim_out, spec.num_heads, qkv_bias=qkv_bias,
-                                     separate_qkv=separate_qkv, kernel_q=spec.kernel_q, stride_q=spec.stride_q,
-                                     kernel_kv=spec.kernel_kv, stride_kv=spec.stride_kv)
+        self.attn = PoolingAttention(spec.dim, spec.dim_out, spec.num_heads, **_attention_options(spec, cfg))
         self.res_proj = nn.Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
         self.pool_skip = None
         if spec.stride_q and math.prod(spec.stride_q) > 1:
@@ -332,7 +130,7 @@ class MViTBlock(nn.Module):
             self.pool_skip = nn.MaxPool3d(kernel, spec.stride_q, [k // 2 for k in kernel])
         self.drop_path = DropPath(spec.drop_path) if spec.drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(spec.dim_out, eps=1e-6)
-        self.mlp = Mlp(spec.dim_out, int(spec.dim_out * mlp_ratio))
+        self.mlp = Mlp(spec.dim_out, int(spec.dim_out * cfg.mlp_ratio))
 
     def _pool_skip(self, x: Tensor) -> Tensor:
         if self.pool_skip is None:
@@ -350,22 +148,16 @@ class MViTBlock(nn.Module):
 
 # -- models ---------------------------------------------------------------------------------------
 
-def _config(cfg: Optional[MViTConfig], kwargs: dict) -> MViTConfig:
-    if cfg is not None:
-        if kwargs:
-            raise TypeError(f"pass either cfg or keyword options, not both (got {sorted(kwargs)})")
-        return cfg
-    return MViTConfig(**known_options(MViTConfig, kwargs))
-
-
 class _MultiscaleBase(TokenClassifierMixin, nn.Module):
     """What Rev-MViT and MViT share: stem, position embeddings, head, timm's interface."""
 
     cfg: MViTConfig
     specs: list[LayerSpec]
 
-    def _init_stem(self, cfg: MViTConfig) -> Grid:
-        self.cfg = cfg
+    def _init_stem(self, cfg: Optional[MViTConfig], kwargs: dict) -> Grid:
+        if cfg is not None and kwargs:
+            raise TypeError(f"pass either cfg or keyword options, not both (got {sorted(kwargs)})")
+        self.cfg = cfg = cfg or MViTConfig(**known_options(MViTConfig, kwargs))
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.patch_embed = PatchEmbed3d(cfg.img_size, cfg.num_frames, cfg.in_chans, cfg.embed_dim, cfg.patch_kernel,
@@ -378,9 +170,10 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, t * h * w, cfg.embed_dim))
         return grid
 
-    def _init_head(self, num_features: int, feature_levels: list[tuple[int, str]]) -> None:
-        """feature_levels: (layer index the level ends at, module name) per stage."""
-        self.num_features = self.head_hidden_size = num_features
+    def _init_head(self, streams: int, feature_modules: list[str]) -> None:
+        """streams: 2 where features are the two streams concatenated; feature_modules: the name of the module
+        whose output is each stage's feature map."""
+        self.num_features = self.head_hidden_size = num_features = streams * self.specs[-1].dim_out
         self.norm = nn.LayerNorm(num_features, eps=1e-6)
         self.head_drop = nn.Dropout(self.cfg.drop_rate)
         self.head = nn.Linear(num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
@@ -389,17 +182,13 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
             trunc_normal_(getattr(self, p), std=0.02)
         stride = self.patch_embed.stride[1]
         self.feature_info = []
-        for layer, module in feature_levels:
-            spec = self.specs[layer]
-            self.feature_info.append(dict(num_chs=self._level_channels(spec), module=module,
+        for spec, module in zip(self._stage_ends(), feature_modules, strict=True):
+            self.feature_info.append(dict(num_chs=streams * spec.dim_out, module=module,
                                           reduction=stride * self.specs[0].grid[1] // spec.grid_out[1]))
 
-    def _level_channels(self, spec: LayerSpec) -> int:
-        raise NotImplementedError
-
-    def _stage_ends(self) -> list[int]:
-        """Index of the last layer of each stage; a stage ends before a layer that changes the shape."""
-        return [s.index - 1 for s in self.specs[1:] if s.changes_shape] + [len(self.specs) - 1]
+    def _stage_ends(self) -> list[LayerSpec]:
+        """The last layer of each stage, whose output is the stage's feature map."""
+        return [s for s in self.specs if s.stage_end]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -445,7 +234,7 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
             y = self.norm(maps[level]) if norm and level == last else maps[level]
             if output_fmt == "NCHW":
                 b, n, c = y.shape
-                t, h, w = self.specs[ends[level]].grid_out
+                t, h, w = ends[level].grid_out
                 y = y.transpose(1, 2).reshape(b, c, t, h, w)
                 if image and t == 1:
                     y = y.squeeze(2)
@@ -475,50 +264,46 @@ class RevMViT(_MultiscaleBase):
 
     def __init__(self, cfg: Optional[MViTConfig] = None, **kwargs):
         super().__init__()
-        cfg = _config(cfg, kwargs)
-        grid = self._init_stem(cfg)
-        _parse_fusion(cfg.pre_q_fusion)
+        grid = self._init_stem(cfg, kwargs)
+        cfg = self.cfg
         self.specs = layer_layout(cfg, grid, reversible=True)
 
         stages: list[nn.Module] = []
         self.layer_names: list[str] = []
+        feature_modules: list[str] = []
         run: list[ReversibleBlock] = []
-        self._stage_of_layer: list[int] = []
         for spec in self.specs:
             if spec.transition:
                 stages.append(ReversibleStack(run))
                 run = []
                 self.layer_names.append(f"stages.{len(stages)}")
-                self._stage_of_layer.append(len(stages))
-                stages.append(StageTransition(spec, cfg.pre_q_fusion, cfg.mlp_ratio, cfg.qkv_bias, cfg.separate_qkv))
-            else:
+                stages.append(StageTransition(spec, cfg))
+            else:  # the run being collected becomes stages[len(stages)]
                 self.layer_names.append(f"stages.{len(stages)}.blocks.{len(run)}")
-                self._stage_of_layer.append(len(stages))
-                f = PoolingAttentionBranch(spec, spec.dim, cfg.qkv_bias, cfg.separate_qkv)
+                f = PoolingAttentionBranch(spec.dim, spec.dim_out, spec.num_heads, spec.grid,
+                                           **_attention_options(spec, cfg))
                 run.append(ReversibleBlock(f, MlpBranch(spec.dim, cfg.mlp_ratio), drop_path=spec.drop_path))
+                if spec.stage_end:  # a stage ends before a transition, so at the end of a run
+                    feature_modules.append(f"stages.{len(stages)}")
         stages.append(ReversibleStack(run))
         self.stages = nn.ModuleList(stages)
-        # feature level k ends with the reversible run holding its last layer
-        self._level_at_stage = {self._stage_of_layer[e]: k for k, e in enumerate(self._stage_ends())}
-        self._init_head(2 * self.specs[-1].dim_out,
-                        [(e, f"stages.{self._stage_of_layer[e]}") for e in self._stage_ends()])
-
-    def _level_channels(self, spec: LayerSpec) -> int:
-        return 2 * spec.dim_out
+        self._init_head(2, feature_modules)
 
     def _run(self, x, take=(), stop=None):
         maps = {}
         x1 = x2 = x
-        for i, stage in enumerate(self.stages):
-            if isinstance(stage, ReversibleStack):
-                x1, x2 = stage(x, x)  # each run restarts from two copies of its input
-                level = self._level_at_stage.get(i)
-                if level is not None and level in take:
-                    maps[level] = torch.cat([x1, x2], dim=-1)
-                if stop is not None and level == stop:
-                    break
-            else:
-                x = stage(x1, x2)
+        done = 0  # layers run so far
+        for stage in self.stages:
+            if isinstance(stage, StageTransition):
+                x, done = stage(x1, x2), done + 1
+                continue
+            x1, x2 = stage(x, x)  # each run restarts from two copies of its input
+            done += len(stage)
+            last = self.specs[done - 1]
+            if last.stage_end and last.stage in take:
+                maps[last.stage] = torch.cat([x1, x2], dim=-1)
+            if last.stage_end and last.stage == stop:
+                break
         return torch.cat([x1, x2], dim=-1), maps
 
     def set_backprop(self, mode: str) -> "RevMViT":
@@ -537,6 +322,12 @@ class RevMViT(_MultiscaleBase):
     def backprop(self) -> str:
         return self.stages[0].backprop
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch (`train.py --grad-checkpointing`): recomputing activations in backward is what
+        reversible backprop does, so True selects "reversible" and False "autograd"."""
+        self.set_backprop("reversible" if enable else "autograd")
+
     def extra_repr(self) -> str:
         return f"backprop={self.backprop!r}"
 
@@ -549,24 +340,23 @@ class MViT(_MultiscaleBase):
 
     def __init__(self, cfg: Optional[MViTConfig] = None, **kwargs):
         super().__init__()
-        cfg = _config(cfg, kwargs)
-        grid = self._init_stem(cfg)
+        grid = self._init_stem(cfg, kwargs)
+        cfg = self.cfg
         self.specs = layer_layout(cfg, grid, reversible=False)
-        self.blocks = nn.ModuleList([MViTBlock(s, cfg.mlp_ratio, cfg.qkv_bias, cfg.separate_qkv) for s in self.specs])
-        self._level_at_block = {e: k for k, e in enumerate(self._stage_ends())}
-        self._init_head(self.specs[-1].dim_out, [(e, f"blocks.{e}") for e in self._stage_ends()])
-
-    def _level_channels(self, spec: LayerSpec) -> int:
-        return spec.dim_out
+        self.grad_checkpointing = False  # timm's activation checkpointing (see set_grad_checkpointing)
+        self.blocks = nn.ModuleList([MViTBlock(s, cfg) for s in self.specs])
+        self._init_head(1, [f"blocks.{s.index}" for s in self._stage_ends()])
 
     def _run(self, x, take=(), stop=None):
         maps = {}
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            level = self._level_at_block.get(i)
-            if level is not None and level in take:
-                maps[level] = x
-            if stop is not None and level == stop:
+        for spec, block in zip(self.specs, self.blocks, strict=True):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)  # drop path's draws are replayed
+            else:
+                x = block(x)
+            if spec.stage_end and spec.stage in take:
+                maps[spec.stage] = x
+            if spec.stage_end and spec.stage == stop:
                 break
         return x, maps
 
@@ -580,38 +370,46 @@ class MViT(_MultiscaleBase):
     def backprop(self) -> str:
         return "autograd"
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing: each block keeps only its input and recomputes the rest in
+        backward (the memory baseline to compare Rev-MViT against). `backprop` stays "autograd"."""
+        self.grad_checkpointing = enable
+
 
 # -- official checkpoints -------------------------------------------------------------------------
 
-def checkpoint_filter_fn(state_dict: dict, model: RevMViT) -> dict:
-    """timm's pretrained hook: an official SlowFast state dict (or whole `.pyth` dict) renamed to `model`'s
-    keys by the one official-name mapping in `revvit.interop`; a state dict in our format passes through."""
-    from ..interop.slowfast import official_to_revvit  # at call time: interop builds on the models
+def official_to_revvit(state: Mapping[str, Tensor], model: RevMViT,
+                       skip_class_token: bool = False) -> tuple[dict[str, Tensor], list[str]]:
+    """An official Rev-MViT state dict renamed to `model`'s keys (official layer i is the module
+    `model.layer_names[i]`; transitions keep `res_proj`, their fusion MLP becomes `fuse.mlp`). Returns
+    (renamed, official keys with no place in `model`)."""
+    transitions = [s.index for s in model.specs if s.transition]
+    return rename_official_keys(state, model, model.layer_names, transitions, skip_class_token)
 
-    state_dict = state_dict.get("model_state", state_dict)
-    if not any(k.removeprefix("module.").startswith(("rev_backbone.", "head.projection.")) for k in state_dict):
-        return state_dict
-    mapped, unused = official_to_revvit(state_dict, model, skip_class_token=True)
-    if unused:
-        raise ValueError(f"official checkpoint keys with no place in {type(model).__name__}: {sorted(unused)}")
-    return mapped
+
+def checkpoint_filter_fn(state_dict: dict, model: RevMViT) -> dict:
+    """timm's pretrained hook: an official SlowFast Rev-MViT state dict (or whole `.pyth` dict) renamed to
+    `model`'s keys; a state dict in our format passes through."""
+    return filter_official(state_dict, model, official_to_revvit)
 
 
 # -- registry -------------------------------------------------------------------------------------
 
 def _video_cfg(**kwargs) -> dict:
     """timm's input_size is (C, H, W); the clip length is the model's `num_frames`."""
-    return _cfg(**{"num_classes": 400, "input_size": (3, 224, 224), "mean": (0.45, 0.45, 0.45),
-                   "std": (0.225, 0.225, 0.225), **kwargs})
+    return pretrained_cfg(**{"num_classes": 400, "input_size": (3, 224, 224), "mean": (0.45, 0.45, 0.45),
+                             "std": (0.225, 0.225, 0.225), **kwargs})
 
 
 default_cfgs = generate_default_cfgs({
-    "rev_mvit_base": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 82.5 (paper), 82.9 (release)",)),
+    "rev_mvit_base": pretrained_cfg(paper_ids="arXiv:2302.04869",
+                                    notes=("ImageNet top-1 82.5 (paper), 82.9 (release)",)),
     "rev_mvit_base_16x4": _video_cfg(paper_ids="arXiv:2302.04869", notes=("Kinetics-400 top-1 78.4 (paper)",)),
-    "mvit_base": _cfg(),
+    "mvit_base": pretrained_cfg(),
     "mvit_base_16x4": _video_cfg(),
-    "rev_mvit_tiny": _cfg(num_classes=10, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3),
-    "mvit_tiny": _cfg(num_classes=10, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3),
+    "rev_mvit_tiny": pretrained_cfg(num_classes=10, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3),
+    "mvit_tiny": pretrained_cfg(num_classes=10, input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3),
     "rev_mvit_tiny_video": _video_cfg(num_classes=10, input_size=(3, 32, 32)),
     "mvit_tiny_video": _video_cfg(num_classes=10, input_size=(3, 32, 32)),
 })
@@ -633,19 +431,17 @@ _TINY_VIDEO = dict(_TINY, num_frames=4, patch_2d=False, patch_kernel=(3, 7, 7), 
                    qkv_bias=False, pre_q_fusion="avg")
 
 
-def _num_stages(args: dict) -> int:
-    """Feature levels of the model `args` describe (for `features_only`), without building it."""
-    cfg = MViTConfig(**{k: v for k, v in args.items() if k in {f.name for f in fields(MViTConfig)}})
-    stem = PatchEmbed3d(cfg.img_size, cfg.num_frames, cfg.in_chans, 1, cfg.patch_kernel, cfg.patch_stride,
-                        cfg.patch_padding, conv_2d=cfg.patch_2d)
-    return 1 + sum(s.changes_shape for s in layer_layout(cfg, stem.grid_size, reversible=False)[1:])
+_STAGE_OPTIONS = ("depth", "dim_mul", "head_mul", "pool_q_stride")  # what stage_depths decides
 
 
 def _create(cls, variant: str, pretrained: bool, defaults: dict, kwargs: dict):
+    if kwargs.get("stage_depths") is not None:  # the caller's stages replace the variant's layout
+        defaults = {k: v for k, v in defaults.items() if k not in _STAGE_OPTIONS}
     args = {**defaults, **kwargs}
     feature_cfg = dict(feature_cls="getter")
-    if args.get("features_only"):
-        feature_cfg["out_indices"] = _num_stages(args)  # all stages unless out_indices is given
+    if args.get("features_only") and "out_indices" not in args:  # all stages unless told
+        cfg = MViTConfig(**{k: v for k, v in args.items() if k in {f.name for f in fields(MViTConfig)}})
+        feature_cfg["out_indices"] = layer_layout(cfg, reversible=False)[-1].stage + 1
     return build_model_with_cfg(cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
                                 feature_cfg=feature_cfg, **args)
 

@@ -4,12 +4,14 @@
     -> reversible blocks, F = LN -> attention, G = LN -> MLP -> [Y1, Y2] (B, N, 2D)
     -> LayerNorm(2D) -> mean over tokens -> Linear(2D, classes)
 
-No class token; logits out (the official head applies softmax in eval mode, this one never does).
+No class token; logits out (the official head applies softmax in eval mode, this one never does). An
+official SlowFast Rev-ViT checkpoint loads through `checkpoint_filter_fn` (renames, and the split of a
+fused qkv).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
 
 import torch
 from timm.layers import trunc_normal_
@@ -17,10 +19,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ..layers import Attention, Mlp, PatchEmbed, TokenClassifierMixin
+from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin
 from ..reversible import ReversibleBlock, ReversibleStack
+from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 
-__all__ = ["RevViTConfig", "RevViT"]
+__all__ = ["RevViTConfig", "RevViT", "official_to_revvit", "checkpoint_filter_fn"]
 
 
 @dataclass
@@ -37,41 +40,6 @@ class RevViTConfig:
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # linearly increasing over depth, one per-sample mask per block
     global_pool: str = "avg"
-
-
-class AttentionBranch(nn.Module):
-    """F: LayerNorm -> multi-head self-attention, (B, N, D) -> (B, N, D). No residual: the stream adds it."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attn(self.norm(x))
-
-
-class MlpBranch(nn.Module):
-    """G: LayerNorm -> Linear(D, rD) -> GELU -> Linear(rD, D), (B, N, D) -> (B, N, D)."""
-
-    def __init__(self, dim: int, mlp_ratio: float):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.norm(x))
-
-
-def init_weights_official(module: nn.Module) -> None:
-    """The official Rev-ViT/Rev-MViT init: trunc_normal(0.02) weights, biases 0.02, LayerNorm weight 1."""
-    if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d)):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.constant_(module.bias, 0.02)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.constant_(module.weight, 1.0)
-        nn.init.constant_(module.bias, 0.02)
 
 
 class RevViT(TokenClassifierMixin, nn.Module):
@@ -112,6 +80,12 @@ class RevViT(TokenClassifierMixin, nn.Module):
     @property
     def backprop(self) -> str:
         return self.stack.backprop
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch (`train.py --grad-checkpointing`): recomputing activations in backward is what
+        reversible backprop does, so True selects "reversible" and False "autograd"."""
+        self.set_backprop("reversible" if enable else "autograd")
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -162,37 +136,52 @@ def drop_path_schedule(rate: float, depth: int) -> list[float]:
     return [rate * i / (depth - 1) for i in range(depth)] if depth > 1 else [rate] * depth
 
 
-def known_options(config_cls, kwargs: dict) -> dict:
-    """Keep the kwargs the config knows; refuse others by name so typos do not pass silently."""
-    names = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise TypeError(f"{config_cls.__name__} got unknown option(s) {unknown}; known: {sorted(names)}")
-    return kwargs
+# -- official checkpoints -------------------------------------------------------------------------
+
+def _split_fused_qkv(key: str, value: Tensor, own: Mapping[str, Tensor]) -> Optional[dict]:
+    """A fused official `F.attn.qkv` for our separate q, k, v: rows [0, C) are q, [C, 2C) k and [2C, 3C) v,
+    the order the official attention reshapes them in."""
+    if not key.endswith((".attn.qkv.weight", ".attn.qkv.bias")):
+        return None
+    base, kind = key.rsplit(".qkv.", 1)
+    parts = [f"{base}.{name}.{kind}" for name in ("q", "k", "v")]
+    if not all(p in own for p in parts) or value.shape[0] % 3:
+        return None
+    return {p: chunk.clone() for p, chunk in zip(parts, value.chunk(3, dim=0))}
 
 
-def _cfg(**kwargs) -> dict:
-    return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
-        "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-        "first_conv": "patch_embed.proj", "classifier": "head", "license": "apache-2.0",
-        **kwargs,
-    }
+def official_to_revvit(state: Mapping[str, Tensor], model: RevViT,
+                       skip_class_token: bool = False) -> tuple[dict[str, Tensor], list[str]]:
+    """An official Rev-ViT state dict renamed to `model`'s keys (official layer i is `stack.blocks.i`), a
+    fused qkv split into q, k, v. Returns (renamed, official keys with no place in `model`)."""
+    layer_names = [f"stack.blocks.{i}" for i in range(len(model.stack))]
+    return rename_official_keys(state, model, layer_names, skip_class_token=skip_class_token,
+                                   reshape=_split_fused_qkv)
 
+
+def checkpoint_filter_fn(state_dict: dict, model: RevViT) -> dict:
+    """timm's pretrained hook: an official SlowFast Rev-ViT state dict (or whole `.pyth` dict) renamed to
+    `model`'s keys; a state dict in our format passes through."""
+    return filter_official(state_dict, model, official_to_revvit)
+
+
+# -- registry -------------------------------------------------------------------------------------
 
 default_cfgs = generate_default_cfgs({
-    "rev_vit_tiny_patch16_224": _cfg(),
-    "rev_vit_small_patch16_224": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 79.9 (paper)",)),
-    "rev_vit_base_patch16_224": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 81.8 (paper)",)),
-    "rev_vit_large_patch16_224": _cfg(paper_ids="arXiv:2302.04869", notes=("ImageNet top-1 81.4 (paper)",)),
+    "rev_vit_tiny_patch16_224": pretrained_cfg(),
+    "rev_vit_small_patch16_224": pretrained_cfg(paper_ids="arXiv:2302.04869",
+                                                 notes=("ImageNet top-1 79.9 (paper)",)),
+    "rev_vit_base_patch16_224": pretrained_cfg(paper_ids="arXiv:2302.04869",
+                                                 notes=("ImageNet top-1 81.8 (paper)",)),
+    "rev_vit_large_patch16_224": pretrained_cfg(paper_ids="arXiv:2302.04869",
+                                                 notes=("ImageNet top-1 81.4 (paper)",)),
 })
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> RevViT:
     out_indices = kwargs.pop("out_indices", 3)  # features_only: the last 3 blocks unless told
-    return build_model_with_cfg(RevViT, variant, pretrained, feature_cfg=dict(out_indices=out_indices,
-                                                                              feature_cls="getter"), **kwargs)
+    return build_model_with_cfg(RevViT, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **kwargs)
 
 
 @register_model
