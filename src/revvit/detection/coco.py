@@ -132,7 +132,9 @@ def decode_segmentation(segm, height: int, width: int) -> np.ndarray:
         rle = mask_utils.frPyObjects(segm, height, width)
     else:
         rle = segm
-    return mask_utils.decode(rle)
+    with warnings.catch_warnings():  # pycocotools 2.0.11 under numpy 2 warns on every decode; the result is right
+        warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
+        return mask_utils.decode(rle)
 
 
 def _check_box(ann: dict, img: dict, where: str) -> tuple[list[float], bool]:
@@ -289,7 +291,7 @@ class CocoDetection(Dataset):
                 path = str(self.image_dir / self.coco.imgs[image_id]["file_name"])
                 if path not in self.failed:
                     self.failed.append(path)
-                    warnings.warn(f"skipping unreadable file {path}: {type(e).__name__}: {e}")
+                    warnings.warn(f"skipping unreadable file {path}: {type(e).__name__}: {e}", stacklevel=2)
         else:
             raise RuntimeError(f"{self.max_tries} consecutive images from index {index} failed to load; "
                                f"first failures: {self.failed[:3]}. Check the dataset files.")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from ..data.digits import digits_split
 from .coco import DetectionDataError
@@ -105,7 +106,6 @@ def _uncompressed_rle(mask: np.ndarray) -> dict:
 
 def _encode(mask: np.ndarray, style: int):
     """Segmentation in one of three styles: 0 polygons, 1 compressed RLE, 2 uncompressed RLE."""
-    from pycocotools import mask as mask_utils  # noqa: PLC0415  (only needed when building)
     if style == 0:
         return _polygons(mask)
     if style == 1:
