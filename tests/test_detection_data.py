@@ -185,6 +185,10 @@ def test_flip_moves_boxes_and_masks_together(coco_root):
     assert torch.equal(t_f["boxes"], torch.stack([W - x1, y0, W - x0, y1], 1))
     assert torch.equal(t_f["boxes"], masks_to_boxes(t_f["masks"]))  # the fixture's boxes are tight
     assert torch.equal(t_f["labels"], t["labels"])
+    resized = CocoDetection(coco_root, "val", detection_train_transform(0.0, short_sides=[32], max_size=64))
+    image_r, t_r = resized[0]  # short side 16 -> 32: everything doubles
+    assert image_r.shape == (3, 32, 40) and torch.equal(t_r["boxes"], 2 * t["boxes"])
+    assert torch.equal(t_r["masks"][:, ::2, ::2], t["masks"])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -284,6 +288,21 @@ def test_digits_coco_deterministic_tight_and_loadable(tmp_path):
                        "instances_train2017.json").read_text()) != data
 
 
+def test_digits_coco_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    import revvit.detection.digits_coco as digits_coco
+
+    def fail(out, split, *args):
+        if split == "val":
+            raise KeyboardInterrupt
+        real(out, split, *args)
+
+    real = digits_coco._write_split
+    monkeypatch.setattr(digits_coco, "_write_split", fail)
+    with pytest.raises(KeyboardInterrupt):
+        make_digits_coco(tmp_path / "set", num_train=3, num_val=2)
+    assert list(tmp_path.iterdir()) == []  # neither a half set nor its temporary folder
+
+
 def test_digits_coco_never_overwrites_a_foreign_folder(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
@@ -316,3 +335,35 @@ def test_no_warning_for_clean_data(coco_root):
         warnings.simplefilter("error")
         ds = CocoDetection(coco_root, "val")
         ds[0]
+
+
+def test_batches_feed_torchvision_mask_rcnn_and_its_outputs_evaluate(tmp_path):
+    """The seam the detector builds on: a DataLoader batch trains a (tiny) MaskRCNN, its eval outputs evaluate."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+    from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+    from torchvision.ops import MultiScaleRoIAlign
+
+    root = make_digits_coco(tmp_path / "digits", num_train=4, num_val=3, canvas=48, digit_size=(10, 24))
+    train = CocoDetection(root, "train", detection_train_transform(lsj_size=48))
+    val = CocoDetection(root, "val")
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=8, padding=1), torch.nn.ReLU())
+    backbone.out_channels = 8
+    torch.manual_seed(0)
+    k = train.categories.num_classes
+    model = MaskRCNN(backbone, min_size=48, max_size=48, box_detections_per_img=20,  # heads kept tiny: fast on CPU
+                     rpn_anchor_generator=AnchorGenerator(((16, 32),), ((0.5, 1.0, 2.0),)),
+                     box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+                     box_head=TwoMLPHead(8 * 7 * 7, 32), box_predictor=FastRCNNPredictor(32, k),
+                     mask_head=MaskRCNNHeads(8, [16], 1), mask_predictor=MaskRCNNPredictor(16, 16, k))
+    images, targets = next(iter(torch.utils.data.DataLoader(train, batch_size=4, collate_fn=detection_collate)))
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    assert set(losses) >= {"loss_mask", "loss_classifier"} and all(torch.isfinite(v) for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        images, targets = detection_collate([val[i] for i in range(len(val))])
+        outputs = model(images)
+    res = coco_evaluate({t["image_id"]: o for t, o in zip(targets, outputs)}, val.coco)
+    assert set(res.metrics) == {"bbox", "segm"} and 0 <= res.metrics["segm"]["AP"] <= 100

@@ -149,6 +149,8 @@ def _is_complete(root: Path, spec: dict) -> bool:
 
 def _install(tmp: Path, root: Path, spec: dict) -> None:
     """Rename the finished `tmp` to `root`, replacing an older digits set (never a foreign folder)."""
+    if _is_complete(root, spec):  # another process (a torchrun rank) finished first: keep its set, it may be read
+        return
     old = None
     if root.exists() and any(root.iterdir()):
         old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
@@ -156,7 +158,7 @@ def _install(tmp: Path, root: Path, spec: dict) -> None:
     try:
         os.rename(tmp, root)
     except OSError:
-        if not _is_complete(root, spec):  # another process (a torchrun rank) installed the same set first: fine
+        if not _is_complete(root, spec):  # as above, between the check and the rename
             raise
     finally:
         if old is not None:
