@@ -129,6 +129,9 @@ def _edit(data, what):
     if what == "no segmentation":
         del anns[0]["segmentation"]
         return "annotation 1 .*no segmentation"
+    if what == "no id":
+        del anns[3]["id"]
+        return "lacks the key 'id'"
     if what == "size":
         data["images"][1]["width"] = 21
         return "b.png is 20x16 but .* says 21x16"
@@ -136,7 +139,7 @@ def _edit(data, what):
 
 
 @pytest.mark.parametrize("what", ["no images", "unknown image", "degenerate", "outside", "category",
-                                  "no segmentation", "size"])
+                                  "no segmentation", "no id", "size"])
 def test_bad_annotations_refused(tmp_path, what):
     data = _coco_dict()
     message = _edit(data, what)

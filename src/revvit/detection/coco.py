@@ -78,8 +78,13 @@ def load_coco(ann_file: str | os.PathLike) -> COCO:
     data.setdefault("annotations", [])
     coco = COCO()
     coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
-        coco.createIndex()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
+            coco.createIndex()
+    except (KeyError, TypeError) as e:
+        raise DetectionDataError(f"annotation file {ann_file}: an image, annotation or category entry lacks "
+                                 f"the key {e} (or is not an object): every entry needs its 'id', every annotation "
+                                 "its 'image_id'") from None
     return coco
 
 
@@ -174,7 +179,7 @@ def _check_images(coco: COCO, image_dir: Path, where: str) -> None:
 
 def _check_annotations(coco: COCO, cats: CategoryMap, where: str) -> tuple[dict[int, list], int]:
     """{image id: [(xyxy, label, segmentation)] of its non-crowd annotations}, number of boxes clipped."""
-    known = set(cats.cat_ids)
+    label_of = {c: label for label, c in enumerate(cats.cat_ids, 1)}  # a dict: COCO train has 860k annotations
     per_image: dict[int, list] = {i: [] for i in coco.imgs}
     clipped = 0
     for ann in coco.dataset["annotations"]:
@@ -182,16 +187,16 @@ def _check_annotations(coco: COCO, cats: CategoryMap, where: str) -> tuple[dict[
         if img is None:
             raise DetectionDataError(f"annotation {ann.get('id')} in {where} refers to image_id "
                                      f"{ann.get('image_id')!r}, which has no entry in 'images': add it or drop it")
-        if ann.get("category_id") not in known:
+        if ann.get("category_id") not in label_of:
             raise DetectionDataError(f"annotation {ann.get('id')} in {where} has unknown category id "
-                                     f"{ann.get('category_id')!r} (known: {sorted(known)}): add it to 'categories'")
+                                     f"{ann.get('category_id')!r} (known: {sorted(label_of)}): add it to 'categories'")
         if not ann.get("segmentation"):
             raise DetectionDataError(f"annotation {ann.get('id')} in {where} has no segmentation: Mask R-CNN needs "
                                      "a polygon or RLE mask for every annotation")
         box, was_clipped = _check_box(ann, img, where)
         clipped += was_clipped
         if not ann.get("iscrowd", 0):
-            per_image[img["id"]].append((box, cats.label(ann["category_id"]), ann["segmentation"]))
+            per_image[img["id"]].append((box, label_of[ann["category_id"]], ann["segmentation"]))
     return per_image, clipped
 
 
