@@ -1,5 +1,4 @@
 """Official SlowFast checkpoints and safetensors: exact loading, the official math, safe and atomic files."""
-import argparse
 import builtins
 import os
 import sys
@@ -10,7 +9,7 @@ import timm
 import torch
 
 import revvit
-from revvit.interop import CheckpointError, add_convert_subcommand, convert, read_metadata
+from revvit.interop import CheckpointError, convert, read_metadata
 from revvit.interop.slowfast_config import merge_defaults, parse_cfg
 from revvit.models.mvit import RevMViT
 from revvit.models.vit import RevViT
@@ -338,15 +337,6 @@ def test_truncated_safetensors_gives_a_clear_error(tmp_path):
 def test_revvit_load_reads_official_pyth_files_too(tmp_path):
     source, _, path, shape = _write(tmp_path, "rev_vit")
     assert _same_outputs(source, revvit.load(path), shape)
-
-
-def test_convert_subcommand_parses_and_runs(tmp_path, capsys):
-    _, _, path, _ = _write(tmp_path, "rev_vit")
-    parser = argparse.ArgumentParser(prog="revvit")
-    add_convert_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["convert", str(path), str(tmp_path / "o.safetensors")])
-    assert args.func(args) == 0 and (tmp_path / "o.safetensors").is_file()
-    assert args.func(args) == 1 and "exists" in capsys.readouterr().err
 
 
 def test_official_yaml_text_with_python_tuples_and_literal_strings_parses(tmp_path):

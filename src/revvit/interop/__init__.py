@@ -8,7 +8,7 @@
 from .errors import CheckpointError
 from .slowfast import load_slowfast, load_slowfast_with_info, read_checkpoint
 from .slowfast_config import OFFICIAL_DEFAULTS
-from .weights import add_convert_subcommand, convert, load, model_spec, read_metadata, run_convert, save
+from .weights import convert, load, model_spec, read_metadata, save
 
-__all__ = ["CheckpointError", "OFFICIAL_DEFAULTS", "add_convert_subcommand", "convert", "load", "load_slowfast",
-           "load_slowfast_with_info", "model_spec", "read_checkpoint", "read_metadata", "run_convert", "save"]
+__all__ = ["CheckpointError", "OFFICIAL_DEFAULTS", "convert", "load", "load_slowfast", "load_slowfast_with_info",
+           "model_spec", "read_checkpoint", "read_metadata", "save"]

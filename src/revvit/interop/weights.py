@@ -42,7 +42,7 @@ from ..io import CheckpointError, atomic_write
 from ..models import MViT, RevMViT, RevViT  # also registers the revvit models with timm
 from .slowfast import load_mapped, load_slowfast, load_slowfast_with_info
 
-__all__ = ["save", "load", "convert", "read_metadata", "model_spec", "add_convert_subcommand", "run_convert"]
+__all__ = ["save", "load", "convert", "read_metadata", "model_spec"]
 
 FORMAT = "revvit"
 JSON_FIELDS = "json_fields"
@@ -224,19 +224,3 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, overwrite: bool = Fa
     model, info = load_slowfast_with_info(src)
     save(model, dst, extra_metadata={"source": os.path.basename(src), "slowfast_cfg": info["cfg"]})
     return model
-
-
-# -- deprecated, removed at the merge of issue 8 --------------------------------------------------
-# `revvit convert` is parsed and printed by revvit.cli. These two names stay only because
-# interop/__init__.py (outside this branch) still imports them; they go together with that import.
-
-def add_convert_subcommand(subparsers):  # pragma: no cover
-    from ..cli import add_convert_parser  # the only import of the CLI, gone with this shim
-
-    return add_convert_parser(subparsers)
-
-
-def run_convert(args) -> int:  # pragma: no cover
-    from ..cli import run_convert as run
-
-    return run(args)

@@ -308,14 +308,15 @@ class RevMViT(_MultiscaleBase):
 
     def set_backprop(self, mode: str) -> "RevMViT":
         """"reversible": reversible runs rebuild their activations from their outputs and the transitions
-        recompute theirs; "autograd": ordinary backprop keeping everything (the reference)."""
+        recompute theirs; "parallel": the same with the two-stream CUDA schedule in the runs; "autograd":
+        ordinary backprop keeping everything (the reference)."""
         if mode not in BACKPROP_MODES:
             raise ValueError(f"backprop mode must be one of {BACKPROP_MODES}, got {mode!r}")
         for stage in self.stages:
             if isinstance(stage, ReversibleStack):
                 stage.set_backprop(mode)
             else:
-                stage.recompute = mode == "reversible"
+                stage.recompute = mode != "autograd"
         return self
 
     @property
