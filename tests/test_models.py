@@ -1,6 +1,5 @@
 """Every revvit model has the same face (timm's), so property tests run over the whole registry: a model
 is covered by registering it. Base sizes are shrunk (width, depth, input) to stay fast on a CPU."""
-import ast
 import os
 import sys
 
@@ -8,7 +7,6 @@ import pytest
 import timm
 import torch
 
-import revvit
 from revvit.models import MViT, RevMViT, RevViT
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -150,25 +148,3 @@ def test_fp32_reversible_gradients_match_autograd_with_drop_path(name, kwargs):
     model = timm.create_model(name, num_classes=7, drop_path_rate=0.3, **kwargs)
     assert_reversible_matches_autograd(model, example_input(model), loss=lambda out: out.logsumexp(-1).sum(),
                                        seed=4, rtol=1e-5)
-
-
-def _imports(path: str) -> set[str]:
-    """Absolute names of the revvit modules a source file imports."""
-    package = "revvit." + os.path.relpath(os.path.dirname(path), os.path.dirname(revvit.__file__)).replace(os.sep, ".")
-    names = set()
-    for node in ast.walk(ast.parse(open(path).read())):
-        if isinstance(node, ast.ImportFrom):
-            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
-            names.add(f"{base}.{node.module}" if node.level and node.module else node.module or base)
-        elif isinstance(node, ast.Import):
-            names.update(a.name for a in node.names)
-    return names
-
-
-@pytest.mark.parametrize("package", ["models", "layers"])
-def test_models_and_layers_import_nothing_of_interop_train_or_data(package):
-    folder = os.path.join(os.path.dirname(revvit.__file__), package)
-    for file in sorted(f for f in os.listdir(folder) if f.endswith(".py")):
-        bad = {n for n in _imports(os.path.join(folder, file))
-               if n.startswith(("revvit.interop", "revvit.train", "revvit.data", "revvit.bench", "revvit.cli"))}
-        assert not bad, f"{package}/{file} imports {sorted(bad)}"

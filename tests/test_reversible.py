@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import assert_reversible_matches_autograd, weighted_sum
 from revvit.bench import StorageMeter, measure_training_memory
 from revvit.reversible import ReversibleBlock, ReversibleStack
 
@@ -53,20 +54,25 @@ def rel_error(got: list, want: list) -> float:
 MODES = ["reversible", "parallel"]  # every memory-saving backprop mode, each checked against "autograd"
 
 
+def two_stream_loss(out):
+    y1, y2 = out
+    return weighted_sum(y1) + y2.square().sum()
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 6, 7])
 def test_fp64_gradients_equal_autograd_with_drop_path_and_dropout(depth, mode):
     stack = make_stack(depth)
-    x = torch.randn(4, 5, 8, dtype=torch.float64)
-    assert rel_error(run(stack, x, mode), run(stack, x, "autograd")) < 1e-10
+    x = torch.randn(4, 5, 8, dtype=torch.float64)  # rtol 1e-10 for every gradient (helpers.RTOL)
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss, mode=mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("depth", [1, 2, 3, 7])
 def test_fp32_gradients_equal_autograd(depth, mode):
     stack = make_stack(depth, dtype=torch.float32)
-    x = torch.randn(4, 5, 8)
-    assert rel_error(run(stack, x, mode), run(stack, x, "autograd")) < 1e-5
+    x = torch.randn(4, 5, 8)  # rtol 1e-5
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss, mode=mode)
 
 
 def test_parallel_mode_runs_the_reversible_schedule_bit_for_bit_on_cpu():
