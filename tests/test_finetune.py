@@ -18,7 +18,7 @@ import revvit
 from fixtures import write_image_folder
 from official_format import write_pyth
 from revvit.cli import main
-from revvit.train import ConfigError, TrainError, evaluate_checkpoint, fit, load_config
+from revvit.train import ConfigError, TrainError, apply_overrides, evaluate_checkpoint, fit, load_config
 from revvit.train import checkpoint as ckpt
 from revvit.train.config import from_dict
 from revvit.train.distributed import init_distributed, shutdown
@@ -224,3 +224,20 @@ def test_eval_refuses_other_class_names_unless_asked(folder_run, tmp_path, capsy
     assert "--ignore-class-names" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(folder_run / "model.safetensors"), "--data", str(other),
                  "--ignore-class-names", "--workers", "0"]) == 0
+
+
+# -- the accuracy comparison (python -m revvit.train.accuracy) --------------------------------------------------
+def test_accuracy_candidates_have_equal_width_and_depth():
+    from revvit.train.accuracy import CANDIDATES, _overrides, format_table
+    from revvit.train.parts import create_run_model
+
+    models = {}
+    for name, flags in CANDIDATES.items():
+        cfg = apply_overrides(load_config(), _overrides(name, flags, seed=1, epochs=1))
+        assert cfg.seed == 1 and cfg.epochs == 1 and cfg.img_size == 16
+        models[name] = create_run_model(cfg, 10, cfg.img_size, cfg.in_chans)[0]
+    rev, autograd, vit = models.values()
+    assert (rev.backprop, autograd.backprop) == ("reversible", "autograd")
+    assert len(vit.blocks) == len(rev.stack) == 6 and vit.embed_dim == rev.embed_dim == 96
+    table = format_table({"digits": {"a": [90.0, 92.0, 94.0]}})
+    assert "| digits | a | 92.00 ± 2.00 | 90.00, 92.00, 94.00 |" in table
