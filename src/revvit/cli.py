@@ -27,8 +27,18 @@ over key=value, which wins over the --config file, which wins over the built-in 
 Learning rate: lr (and --lr) is given per 512 images of GLOBAL batch and scaled linearly:
 the optimiser uses lr * batch_size / 512, batch_size being the sum over all processes.
 
-Resume: rerun the same command with --resume; the newest checkpoint in --output that loads is used
-(a corrupt one is named and skipped) and the run continues exactly where it stopped.
+Without --config: the digits demo for --data digits (the default); for an image folder or video lists, a
+general recipe for --model (its own architecture and input size, channels from the data, threads and workers
+from the machine, lr 0.016 per 512 with one warmup epoch); with --pretrained, configs/finetune.yaml's recipe.
+Every run writes its effective config to OUTPUT/config.yaml (revvit train --config OUTPUT/config.yaml reruns it).
+
+Fine-tuning: --pretrained FILE (official REV_*.pyth, a revvit .safetensors or a revvit .pt checkpoint): the
+architecture is the file's unless --model is given; a classifier of another class count is replaced, the
+position embeddings are resampled to --img-size, and what did not load is named.
+
+Resume: revvit train --output RUN --resume; the run's config comes from its newest checkpoint that loads (a
+corrupt one is named and skipped) and the run continues exactly where it stopped. A flag given with --resume
+changes only that setting (--epochs 20 extends the run); another model, data set, input size or batch is refused.
 """
 
 
@@ -68,22 +78,25 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int)
     t.add_argument("--lr", type=float, help="learning rate per 512 images (scaled by batch_size/512)")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output")
+    t.add_argument("--pretrained", help="start from these weights: official .pyth, revvit .safetensors or .pt")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="override any config field")
     t.set_defaults(func=_train)
 
 
 @_command
 def _train(args: argparse.Namespace) -> int:
-    from .train import apply_overrides, fit, load_config
+    from .train import fit
+    from .train.recipes import train_config
 
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
-             "img_size": args.img_size, "amp": args.amp, "backprop": args.backprop, "seed": args.seed, "lr": args.lr}
-    cfg = apply_overrides(load_config(args.config, data=args.data),
-                          args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None])
+             "img_size": args.img_size, "amp": args.amp, "backprop": args.backprop, "seed": args.seed, "lr": args.lr,
+             "pretrained": args.pretrained}
+    if args.resume and not args.output:
+        raise SystemExit("revvit train: --resume needs --output (the run directory to continue)")
+    cfg = train_config(args.config, args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None],
+                       Path(args.output) if args.output else None, args.resume)
     if args.output:
         out = Path(args.output)
-    elif args.resume:
-        raise SystemExit("revvit train: --resume needs --output (the run directory to continue)")
     else:
         name = Path(args.config).stem if args.config else cfg.data
         out = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -101,6 +114,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--amp", choices=["bf16", "fp16"])
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--ignore-class-names", action="store_true",
+                   help="evaluate even if the class names stored with the weights differ from the data's")
     e.set_defaults(func=_eval)
 
 
@@ -108,7 +123,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
-    m = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.amp)
+    m = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.amp,
+                            ignore_class_names=args.ignore_class_names)
     line = f"{m['model']} on {args.data} ({m['count']} samples): top-1 {m['top1']:.2f}%"
     if "top5" in m:
         line += f"  top-5 {m['top5']:.2f}%"

@@ -18,11 +18,29 @@ from typing import Callable, Optional, Sequence
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["SkippingDataset", "VERIFY_MAX_FILES", "should_verify", "find_unreadable", "warn_skipped"]
+__all__ = ["SkippingDataset", "VERIFY_MAX_FILES", "should_verify", "find_unreadable", "warn_skipped", "TransformError",
+           "run_transform"]
 
 Sample = tuple[str, int]
 
 VERIFY_MAX_FILES = 20_000  # verify=None: check a split up front only up to this many files
+
+
+class TransformError(RuntimeError):
+    """A transform failed on a file that was read: a bug or bad setting of the augmentation, not of the data.
+    Raised (not substituted): the message names the transform and the file."""
+
+
+def run_transform(transform: Callable, x, path: str):
+    """`transform(x)`, step by step for a Compose, so that a failure names the step (TransformError)."""
+    for step in getattr(transform, "transforms", [transform]):
+        try:
+            x = step(x)
+        except Exception as e:
+            raise TransformError(f"the transform {step!r:.300} failed on {path}, which was read correctly "
+                                 f"({type(e).__name__}: {e}); change the augmentation setting (auto_augment, "
+                                 "train_aug), this is not a data error") from e
+    return x
 
 
 def should_verify(verify: Optional[bool], num_files: int) -> bool:
@@ -58,6 +76,7 @@ class SkippingDataset(Dataset):
     warning is the cross-process record) and replaced by the next one, up to `max_tries` in a row."""
 
     max_tries = 10
+    record: Optional[str] = None  # a file each process appends the unreadable paths to (summary.json counts them)
 
     def __init__(self, samples: Sequence[Sample]):
         self.samples = list(samples)
@@ -75,9 +94,14 @@ class SkippingDataset(Dataset):
             path, label = self.samples[i]
             try:
                 return self.load(path), label
+            except TransformError:
+                raise
             except Exception as e:  # any decoder error: record and substitute, never crash the epoch
                 if path not in self.failed:
                     self.failed.append(path)
                     warnings.warn(f"skipping unreadable file {path}: {type(e).__name__}: {e}", stacklevel=1)
+                    if self.record:
+                        with open(self.record, "a") as f:  # appends of one short line do not interleave
+                            f.write(path + "\n")
         raise RuntimeError(f"{self.max_tries} consecutive samples from index {index} failed to load; "
                            f"first failures: {self.failed[:3]}. Check the dataset files.")

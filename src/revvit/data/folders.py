@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .common import SkippingDataset, find_unreadable, should_verify
+from .common import SkippingDataset, find_unreadable, run_transform, should_verify
 
 __all__ = ["ImageFolderDataset", "load_image_folder", "scan_image_folder", "check_class_sets", "verify_image"]
 
@@ -59,7 +59,8 @@ class ImageFolderDataset(SkippingDataset):
 
     def load(self, path: str):
         with Image.open(path) as im:
-            return self.transform(im.convert(self.mode))
+            image = im.convert(self.mode)  # decoded here: a failure so far is the file's
+        return run_transform(self.transform, image, path)
 
 
 def load_image_folder(root: Path, verify: Optional[bool], splits: Sequence[str] = ("train", "val")

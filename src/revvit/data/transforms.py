@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import create_transform
 from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor
@@ -26,7 +26,7 @@ from torchvision.transforms import v2
 __all__ = [
     "norm_stats", "image_train_transform", "image_eval_transform",
     "frames_to_tensor", "resize_short_side", "random_scale_crop_flip", "spatial_crops", "normalize_video",
-    "video_rand_augment", "random_erase_cube",
+    "video_rand_augment", "random_erase_cube", "safe_posterize",
 ]
 
 EVAL_CROP_PCT = 0.875  # 224 / 256
@@ -46,10 +46,30 @@ def norm_stats(mean: Sequence[float], std: Sequence[float], in_chans: int) -> tu
 def image_train_transform(img_size: int, mean, std, auto_augment: Optional[str], reprob: float) -> Callable:
     """PIL -> (C, img_size, img_size): RandomResizedCrop(bicubic), hflip, RandAugment (or colour jitter 0.4
     when `auto_augment` is None), ToTensor, Normalize, RandomErasing(reprob, per-pixel noise)."""
-    return create_transform(
+    transform = create_transform(
         img_size, is_training=True, auto_augment=auto_augment, re_prob=reprob, re_mode="pixel", re_count=1,
         interpolation="bicubic", mean=mean, std=std,
     )
+    for step in getattr(transform, "transforms", []):
+        safe_posterize(step)
+    return transform
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize for any bit count: Pillow >= 12 refuses 0 bits (timm's RandAugment draws them at high
+    magnitude with mstd), which keeps no bit: a black image, as older Pillow gave."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def safe_posterize(augment) -> None:
+    """Route a timm RandAugment's posterize ops through `_posterize` (other transforms are left as they are)."""
+    for op in getattr(augment, "ops", []):
+        if getattr(op, "name", "").startswith("Posterize"):
+            op.aug_fn = _posterize
 
 
 def image_eval_transform(img_size: int, mean, std) -> Callable:
@@ -128,6 +148,7 @@ def video_rand_augment(auto_augment: str, mean, img_size: int) -> Callable[[Tens
     fill = tuple(min(255, round(255 * m)) for m in mean)
     fill = fill * 3 if len(fill) == 1 else fill  # frames are RGB here, before any grey conversion
     augment = rand_augment_transform(auto_augment, dict(translate_const=int(img_size * 0.45), img_mean=fill))
+    safe_posterize(augment)
 
     def apply(frames: Tensor) -> Tensor:
         py_state, np_state = random.getstate(), np.random.get_state()

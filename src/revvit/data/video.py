@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .common import SkippingDataset
+from .common import SkippingDataset, run_transform
 from .transforms import (
     frames_to_tensor,
     normalize_video,
@@ -215,7 +215,7 @@ class VideoClipDataset(_VideoDataset):
     def load(self, path: str) -> Tensor:
         frames = decode_frames(path, self._pick)  # uint8 (T, H, W, 3)
         if self.rand_augment is not None:
-            frames = self.rand_augment(frames)
+            frames = run_transform(self.rand_augment, frames, path)
         x = frames_to_tensor(frames, self.in_chans)  # (T, C, H, W)
         if self.augment:
             x = random_scale_crop_flip(x, self.img_size)

@@ -32,6 +32,7 @@ import os
 from typing import Any, Mapping, Optional
 
 import timm
+import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
@@ -190,18 +191,35 @@ def _load_safetensors(path: str, overrides: Mapping[str, Any]) -> nn.Module:
     return model.eval()
 
 
+def _load_training_checkpoint(path: str, overrides: Mapping[str, Any]) -> nn.Module:
+    """A `revvit train` checkpoint (ckpt_<step>.pt, best.pt): its "model_name", "model_kwargs" and "model"."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle
+        raise CheckpointError(path, f"cannot read the checkpoint ({type(e).__name__}: {e})") from None
+    if not (isinstance(state, dict) and {"model_name", "model_kwargs", "model"} <= set(state)):
+        raise CheckpointError(path, "not a revvit training checkpoint (no model_name / model_kwargs / model)")
+    kwargs = {**{k: _tuplify(v) for k, v in state["model_kwargs"].items()}, **overrides}
+    model = timm.create_model(state["model_name"], **kwargs)
+    load_mapped(model, state["model"], [], path, overrides)
+    return model.eval()
+
+
 def load(path: os.PathLike | str, **overrides: Any) -> nn.Module:
     """Load a model, in eval mode, returning logits.
 
     A .safetensors file written by revvit (`revvit.save`, `revvit convert`, `revvit train`) is rebuilt
-    from its metadata; an official SlowFast .pyth goes through `revvit.load_slowfast`. `overrides` are
-    constructor kwargs on top of the stored ones; they must not change weight shapes.
+    from its metadata; a `revvit train` checkpoint (.pt) from the name and kwargs it records; an official
+    SlowFast .pyth goes through `revvit.load_slowfast`. `overrides` are constructor kwargs on top of the
+    stored ones; they must not change weight shapes.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(path, "no such file")
     if path.endswith(".safetensors") or _is_safetensors(path):
         return _load_safetensors(path, overrides)
+    if path.endswith(".pt"):
+        return _load_training_checkpoint(path, overrides)
     return load_slowfast(path, **overrides)
 
 

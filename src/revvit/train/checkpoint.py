@@ -115,14 +115,15 @@ def load_model(path: str | Path) -> tuple[nn.Module, dict]:
             raise CheckpointError(path, f"cannot read the checkpoint ({type(e).__name__}: {e})") from None
         if not (isinstance(state, dict) and "model_name" in state):
             raise CheckpointError(path, "not a revvit training checkpoint (no model_name)")
-        info = {"model": state["model_name"], "model_kwargs": state["model_kwargs"], "config": state.get("config")}
+        info = {"model": state["model_name"], "model_kwargs": state["model_kwargs"], "config": state.get("config"),
+                "class_names": state.get("class_names")}
         model = timm.create_model(info["model"], **info["model_kwargs"])
         model.load_state_dict(state["model"])
         return model.eval(), info
     model = interop.load(path)
     if path.suffix == ".safetensors":
         meta = interop.read_metadata(path)
-        info = {"model": meta["model"], "model_kwargs": meta["model_kwargs"]}
+        info = {"model": meta["model"], "model_kwargs": meta["model_kwargs"], "class_names": meta.get("class_names")}
         if "config" in meta:
             info["config"] = meta["config"]
     else:  # official weights: the input geometry the model was built for

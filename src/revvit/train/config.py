@@ -28,7 +28,9 @@ import yaml
 from ..data import DataOptions
 
 __all__ = ["TrainConfig", "ConfigError", "LR_REFERENCE_BATCH", "load_config", "apply_overrides", "DEFAULT_CONFIG",
-           "DIGITS_VIDEO_CONFIG"]
+           "DIGITS_VIDEO_CONFIG", "BUILTIN_DATA", "save_config", "read_config_file"]
+
+BUILTIN_DATA = (None, "digits", "digits-video")
 
 LR_REFERENCE_BATCH = 512
 
@@ -44,6 +46,8 @@ class TrainConfig(DataOptions):
     model: str = "rev_vit_tiny_patch16_224"
     model_kwargs: dict = field(default_factory=dict)
     drop_path: float = 0.0
+    pretrained: Optional[str] = None  # start from this file's weights: official .pyth, revvit .safetensors or .pt
+    layer_decay: Optional[float] = None  # layer-wise lr decay (e.g. 0.75: each block down gets 0.75x the lr)
     backprop: str = "reversible"  # "reversible" (recompute activations), "parallel" (the same, two CUDA streams)
     #                               or "autograd" (store them)
     # -- data: the source here; how it is sampled and transformed (img_size, in_chans, num_frames,
@@ -103,6 +107,8 @@ class TrainConfig(DataOptions):
              f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or none, got {self.clip_grad}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        need(self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"layer_decay must be in (0, 1] or none, got {self.layer_decay}")
         return self
 
     def to_dict(self) -> dict:
@@ -224,11 +230,8 @@ def from_dict(values: dict, base: Optional[TrainConfig] = None) -> TrainConfig:
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, data: Optional[str] = None) -> TrainConfig:
-    """The embedded default (no path: the digits demo, or the digits video demo for data="digits-video")
-    or a YAML recipe. A recipe may name a `base:` recipe file (relative to itself) whose settings it changes."""
-    if path is None:
-        return from_dict(DIGITS_VIDEO_CONFIG if data == "digits-video" else DEFAULT_CONFIG).validate()
+def read_config_file(path: str | Path, merge_base: bool = True) -> dict:
+    """The settings a YAML recipe sets, unchecked; with `merge_base`, over those of its `base:` recipes."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -238,13 +241,60 @@ def load_config(path: Optional[str | Path] = None, data: Optional[str] = None) -
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
-    base = None
-    if "base" in values:
-        base = load_config(path.parent / values.pop("base"))
+    if merge_base and "base" in values:
+        values = {**read_config_file(path.parent / values.pop("base")), **values}
+    return values
+
+
+def _load_file(path: Path) -> TrainConfig:
+    values = read_config_file(path, merge_base=False)
+    base = _load_file(path.parent / values.pop("base")) if "base" in values else None
     try:
         return from_dict(values, base).validate()
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_config(path: Optional[str | Path] = None, data: Optional[str] = None, model: Optional[str] = None,
+                pretrained: Optional[str] = None) -> TrainConfig:
+    """A YAML recipe (`path`; it may name a `base:` recipe file, relative to itself, whose settings it changes)
+    or, without one, the embedded recipe that fits the data:
+
+    - the digits demo (`data` None or "digits"), the digits video demo ("digits-video");
+    - for an image folder or video lists, the general recipe for `model` (`recipes.general_config`: the
+      model's own architecture, channels from the data, threads and workers from the machine);
+    - with `pretrained` (any data), the fine-tuning recipe (`recipes.FINETUNE_CONFIG`, = configs/finetune.yaml).
+
+    With `pretrained` (given, or set by the recipe), the architecture and input geometry are the file's
+    unless `model` is given (`finetune.apply_pretrained_arch`). `data`, `model`, `pretrained` are only
+    read here to choose; set them on the result (flags, key=value) as any other setting."""
+    from . import recipes  # recipes builds on this module
+
+    if path is None and pretrained is None and data in BUILTIN_DATA:
+        cfg = from_dict(DIGITS_VIDEO_CONFIG if data == "digits-video" else DEFAULT_CONFIG)
+        return (apply_overrides(cfg, [f"model={model}"]) if model else cfg).validate()
+    if path is None:
+        return recipes.general_config(data, model, pretrained)
+    cfg = _load_file(Path(path))
+    pretrained = pretrained or cfg.pretrained
+    if pretrained:
+        cfg.pretrained = pretrained
+        recipes.with_pretrained(cfg, pretrained, keep_model=model is not None)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write `cfg` as a YAML recipe that `load_config(path)` (`revvit train --config`) reads back equal."""
+    text = "# the effective config of this run: revvit train --config THIS_FILE reproduces it\n"
+    Path(path).write_text(text + yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:

@@ -59,9 +59,29 @@ def eval_loader(dataset, batch_size: int, num_workers: int, d: DistInfo) -> Data
                       num_workers=num_workers, pin_memory=d.device.type == "cuda")
 
 
+def class_name_differences(stored: list, data: list) -> Optional[str]:
+    """None when the names match label for label; else what differs, in words."""
+    stored, data = [str(n) for n in stored], [str(n) for n in data]
+    if stored == data:
+        return None
+    parts = []
+    only_stored, only_data = [n for n in stored if n not in data], [n for n in data if n not in stored]
+    if only_stored:
+        parts.append(f"only in the weights: {only_stored[:10]}" + (" ..." if len(only_stored) > 10 else ""))
+    if only_data:
+        parts.append(f"only in the data: {only_data[:10]}" + (" ..." if len(only_data) > 10 else ""))
+    moved = [f"{i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(stored, data)) if a != b]
+    if moved and not (only_stored or only_data):
+        parts.append(f"same names, other labels ({', '.join(moved[:5])}" + (" ..." if len(moved) > 5 else "") + ")")
+    return "; ".join(parts)
+
+
 def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_workers: int = 2,
-                        device: str = "auto", amp: Optional[str] = None) -> dict:
-    """Load a revvit checkpoint/.safetensors and evaluate it on the val split of `data`."""
+                        device: str = "auto", amp: Optional[str] = None, ignore_class_names: bool = False,
+                        log=print) -> dict:
+    """Load a revvit checkpoint/.safetensors and evaluate it on the val split of `data`. The class names
+    stored with the weights (`revvit train` stores them) must be the data's, label for label, unless
+    `ignore_class_names` (then the difference is only reported)."""
     model, info = ckpt.load_model(path)
     saved = dict(info.get("config") or {})
     kw = info.get("model_kwargs", {})
@@ -73,6 +93,13 @@ def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_w
     d = init_distributed(device)
     try:
         bundle = build_datasets(data_spec(cfg, data, info.get("model")), splits=("val",))  # train is not scanned
+        stored = info.get("class_names")
+        diff = class_name_differences(stored, bundle.class_names) if stored else None
+        if diff and not ignore_class_names:
+            raise TrainError(f"the class names stored with {path} differ from those of {data}: {diff}. The labels "
+                             "would not mean the same classes; pass --ignore-class-names to evaluate anyway")
+        if diff:
+            log(f"warning: class names differ ({diff}); evaluating anyway (--ignore-class-names)")
         classes = kw.get("num_classes")
         if classes is not None and classes != bundle.num_classes:
             raise TrainError(f"{path} predicts {classes} classes but {data} has {bundle.num_classes}")

@@ -33,14 +33,18 @@ from ..data import DataBundle, build_datasets
 from ..data import common as data_common
 from ..io import atomic_write
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import TrainConfig, save_config
 from .distributed import DistInfo, SkipSampler, all_reduce_sum, init_distributed, shutdown
 from .evaluate import eval_loader, evaluate
+from .finetune import build_finetune_optimizer, load_pretrained
 from .logger import RunLogger
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler
 from .parts import AMP_DTYPES, TrainError, TrainingDiverged, create_run_model, data_spec, mixup_fn, train_sampler
+from .recipes import SCHEDULE_KEYS, check_resume, describe_run
 
 __all__ = ["fit", "Run", "RunState"]
+
+UNREADABLE = "unreadable.txt"  # one line per file skipped at load time (appended by every DataLoader worker)
 
 
 @dataclass
@@ -112,6 +116,9 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
 
     random_seed(cfg.seed)
     data = build_datasets(data_spec(cfg))
+    for split in (data.train, data.val):  # files that fail to decode during the run, from every worker
+        if hasattr(split, "record"):
+            split.record = str(out_dir / UNREADABLE)
     if data.skipped:
         say(f"skipped {len(data.skipped)} unreadable file(s): {', '.join(data.skipped[:5])}"
             + (" ..." if len(data.skipped) > 5 else ""))
@@ -121,12 +128,12 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
             "verify_data=true forces it): an unreadable file is skipped, with a warning, when it is loaded")
     model, model_kwargs = create_run_model(cfg, data.num_classes, data.img_size, data.in_chans,
                                            data.num_frames if data.kind == "video" else None)
+    if cfg.pretrained and not (resume and ckpt.list_checkpoints(out_dir)):  # a resumed run has its own weights
+        load_pretrained(model, cfg.pretrained, log=say)
     model.to(d.device)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model {cfg.model} ({n_params / 1e6:.2f}M params, backprop {cfg.backprop}) on {data.kind} data "
-        f"{cfg.data}: {len(data.train)} train / {len(data.val)} val, {data.num_classes} classes; "
-        f"device {d.device} x {d.world_size}; global batch {cfg.batch_size}, lr {cfg.effective_lr:.3g} "
-        f"(= {cfg.lr:g} x {cfg.batch_size}/512)")
+    say(describe_run(cfg, data, sum(p.numel() for p in model.parameters()), str(d.device), d.world_size, out_dir))
+    if d.is_main:
+        save_config(cfg, out_dir / "config.yaml")
 
     sampler = train_sampler(cfg, data.train, d)
     steps_per_epoch = len(sampler) // per_rank
@@ -135,7 +142,7 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     if steps_per_epoch < 1:
         raise TrainError(f"{len(data.train)} training samples give no full batch of {per_rank} per process: "
                          "lower --batch-size")
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_finetune_optimizer(model, cfg)
     mix = mixup_fn(cfg, data.num_classes)
     return Run(cfg=cfg, out_dir=out_dir, d=d, data=data, model=model, model_kwargs=model_kwargs,
                ema=ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None, optimizer=optimizer,
@@ -156,12 +163,13 @@ def resume_or_seed(run: Run, resume: bool) -> None:
         run.say(f"no checkpoint in {run.out_dir}: starting from scratch")
         return
     path, state = found
-    changed = {k: (v, getattr(run.cfg, k)) for k, v in state["config"].items() if getattr(run.cfg, k, v) != v}
-    if changed:
-        run.say(f"warning: config differs from the checkpoint's: {changed}")
+    changed = check_resume(state["config"], run.cfg, run.out_dir)  # refuses another model, data, input, batch
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    if set(changed) & set(SCHEDULE_KEYS):  # e.g. more epochs: the new schedule, at the step reached
+        run.scheduler.step_update(state["global_step"])
+    else:
+        run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     if run.ema is not None and state.get("ema") is not None:
         run.ema.load_state_dict(state["ema"])
@@ -197,6 +205,7 @@ def save_checkpoint(run: Run, is_best: bool = False) -> None:
                  scaler=run.scaler.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
                  epoch=st.epoch, batches_done=st.batches_done, global_step=st.global_step, best_top1=st.best_top1,
                  history=st.history, epoch_loss=st.epoch_loss, config=run.cfg.to_dict(), rng=rngs,
+                 class_names=list(run.data.class_names),
                  world_size=d.world_size)
     ckpt.save_checkpoint(state, run.out_dir, st.global_step, run.cfg.keep_last, is_best)
 
@@ -306,14 +315,22 @@ def finish(run: Run) -> dict:
     summary = {"model": cfg.model, "params": sum(p.numel() for p in run.model.parameters()),
                "backprop": cfg.backprop, "epochs": cfg.epochs, "steps": st.global_step,
                "val_top1": final.get("val_top1"), "val_top5": final.get("val_top5"), "best_top1": st.best_top1,
-               "wall_time_s": round(time.perf_counter() - run.t_start, 1), "skipped_files": list(run.data.skipped),
+               "wall_time_s": round(time.perf_counter() - run.t_start, 1), "skipped_files": skipped_files(run),
                "output": str(run.out_dir)}
+    summary["skipped_count"] = len(summary["skipped_files"])
     if cfg.memory_table:
         summary["memory"] = memory_table(run.model, run.data.train, run.d.device, run.say)
     summary["wall_time_s"] = round(time.perf_counter() - run.t_start, 1)
     atomic_write(run.out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
     run.say(format_summary(summary))
     return summary
+
+
+def skipped_files(run: Run) -> list[str]:
+    """The unreadable files: dropped up front, then those skipped when loaded (recorded by every worker)."""
+    record = run.out_dir / UNREADABLE
+    at_load = record.read_text().split("\n") if record.is_file() else []
+    return list(dict.fromkeys(list(run.data.skipped) + [p for p in at_load if p]))
 
 
 def format_summary(s: dict) -> str:

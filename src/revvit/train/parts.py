@@ -41,7 +41,7 @@ def create_run_model(cfg: TrainConfig, num_classes: int, img_size: int, in_chans
     kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, drop_path_rate=cfg.drop_path)
     if num_frames is not None:
         kwargs["num_frames"] = num_frames
-    kwargs.update(cfg.model_kwargs)
+    kwargs.update({k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model_kwargs.items()})  # YAML lists
     try:
         model = timm.create_model(cfg.model, **kwargs)
     except TypeError as e:
