@@ -15,7 +15,7 @@ from ..data import build_datasets
 from . import checkpoint as ckpt
 from .config import TrainConfig, from_dict
 from .distributed import DistInfo, ShardSampler, all_reduce_sum, init_distributed, shutdown
-from .parts import AMP_DTYPES, TrainError, data_spec
+from .parts import AMP_DTYPES, TrainError, check_data_kind, data_spec
 
 __all__ = ["evaluate", "eval_loader", "evaluate_checkpoint"]
 
@@ -73,6 +73,7 @@ def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_w
     d = init_distributed(device)
     try:
         bundle = build_datasets(data_spec(cfg, data, info.get("model")), splits=("val",))  # train is not scanned
+        check_data_kind(kw, bundle.kind, path, data)
         classes = kw.get("num_classes")
         if classes is not None and classes != bundle.num_classes:
             raise TrainError(f"{path} predicts {classes} classes but {data} has {bundle.num_classes}")
