@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from official_format import write_pyth
 from revvit.cli import main
 from revvit.interop import read_metadata
 from revvit.models import RevViT
+from revvit.train import checkpoint as ckpt
 
 TINY = ["model_kwargs={patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}", "img_size=16", "in_chans=1",
         "memory_table=false", "progress=false", "num_workers=0", "threads=1"]
@@ -108,39 +110,63 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
         main(["bench", "--depths", "12,x"])
 
 
+# The child process: revvit train with every fsync slowed by 50 ms, so that a checkpoint write lasts long enough
+# to be killed in the middle of it.
+SLOW_WRITES = ("import os, sys, time\n_fsync = os.fsync\nos.fsync = lambda fd: (time.sleep(0.05), _fsync(fd))[1]\n"
+               "from revvit.cli import main\nsys.exit(main(sys.argv[1:]))")
+
+
 def _revvit(out: Path, *extra: str) -> list[str]:
-    # Randomness everywhere it can be: augmentation (torch), mixup/cutmix (numpy), drop path (torch),
-    # sample order (sampler). Exact resume must restore all of it.
-    return [sys.executable, "-m", "revvit.cli", "train", "--output", str(out), "--epochs", "2", "--batch-size", "16",
-            "--lr", "0.02", *TINY, "steps_per_epoch=25", "ckpt_every_steps=5", "keep_last=2", "train_aug=true",
-            "mixup=0.8", "cutmix=1.0", "drop_path=0.1", "deterministic=true", *extra]
+    # Randomness everywhere it can be: augmentation (torch, in 2 DataLoader workers), mixup/cutmix (numpy),
+    # drop path (torch), sample order (sampler). Exact resume must restore all of it.
+    return [sys.executable, "-c", SLOW_WRITES, "train", "--output", str(out), "--epochs", "2", "--batch-size", "16",
+            "--lr", "0.02", *TINY[:-2], "num_workers=2", "threads=1", "steps_per_epoch=25", "ckpt_every_steps=5",
+            "keep_last=2", "train_aug=true", "mixup=0.8", "cutmix=1.0", "drop_path=0.1", "deterministic=true", *extra]
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(_revvit(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+def _kill_when(proc: subprocess.Popen, ready, what: str, seed: int) -> None:
     deadline = time.time() + 120
-    while not (killed / "ckpt_00000010.pt").exists():  # two checkpoints, mid-epoch
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0].decode()[-2000:]
-        time.sleep(0.02)
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, \
+            f"seed {seed}: {what}: " + proc.communicate()[0].decode()[-2000:]
+        time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, f"seed {seed}: {what}: finished before the kill"
+
+
+def test_resume_after_sigkill_at_random_moments_with_workers_is_bit_identical(tmp_path):
+    """README "exact resume": killed (SIGKILL) once mid-steps at a random moment and once in the middle of a
+    checkpoint write, with 2 DataLoader workers and the newest checkpoint damaged, the resumed run ends with
+    the same weights, bit for bit, and the same metrics as an uninterrupted one; no temporary file is left."""
+    seed = int(os.environ.get("REVVIT_KILL_SEED", time.time_ns() % 1_000_000))
+    rng = random.Random(seed)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    killed = tmp_path / "killed"
+    # 1. at a random moment during the steps after the first checkpoint (step 5 of 50)
+    proc = subprocess.Popen(_revvit(killed), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    first = time.time()
+    _kill_when(proc, lambda: (killed / "ckpt_00000005.pt").exists() and time.time() > first + rng.uniform(0, 1.0),
+               "kill during steps", seed)
+    # 2. resumed, then killed while a file is being written (its temporary file exists), once two checkpoints exist
+    proc = subprocess.Popen(_revvit(killed, "--resume"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    _kill_when(proc, lambda: len(ckpt.list_checkpoints(killed)) >= 2 and any(killed.glob(".*.tmp")),
+               "kill during a write", seed)
     assert not (killed / "model.safetensors").exists()
     # Damage the newest checkpoint too: resume must name it and fall back to the one before.
-    newest = sorted(killed.glob("ckpt_*.pt"))[-1]
+    newest = ckpt.list_checkpoints(killed)[0]
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
 
     resumed = subprocess.run(_revvit(killed, "--resume"), capture_output=True, text=True, env=env, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.returncode == 0, f"seed {seed}: " + resumed.stderr[-2000:]
     assert f"checkpoint {newest} is corrupt or truncated" in resumed.stdout
     assert "resumed from" in resumed.stdout
+    assert not list(killed.glob(".*.tmp")), f"seed {seed}: temporary files left"
 
     straight = subprocess.run(_revvit(tmp_path / "straight"), capture_output=True, text=True, env=env, timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
     a, b = load_file(killed / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"seed {seed}: weights differ"
     ha = json.loads((killed / "metrics.json").read_text())
     hb = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert [(r["train_loss"], r["val_top1"]) for r in ha] == [(r["train_loss"], r["val_top1"]) for r in hb]

@@ -383,3 +383,29 @@ def test_verify_true_checks_large_splits_and_false_checks_none(image_root, monke
     monkeypatch.setattr(common, "VERIFY_MAX_FILES", 100)
     b = build_datasets(DataSpec(str(image_root), img_size=16, verify=False))
     assert b.skipped == [] and b.unchecked == {"train": 10, "val": 10}
+
+
+# -- augmentation independent of the process that loads a sample ------------------------------------------
+def test_augmentation_is_a_function_of_seed_epoch_and_position_not_of_workers(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", ["a", "b"], per_class=4, size=24)
+    train = build_datasets(DataSpec(str(root), img_size=16, reprob=0.5)).train  # RandAugment + erasing (timm)
+    data = common.EpochSeeded(train, seed=3)
+    data.set_epoch(1)
+    order = [5, 1, 7, 1, 0, 3]
+    sampler = common.KeyedSampler(order, first=10)  # positions 10.. of the epoch; index 1 drawn twice
+
+    def batches(workers: int) -> list:
+        loader = torch.utils.data.DataLoader(data, batch_size=2, sampler=sampler, num_workers=workers)
+        return [x for x, _ in loader]
+
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    data[(1, 3)]
+    assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]  # the caller's
+    assert (np.random.get_state()[1] == before[2]).all()  # generators are left as they were
+    main = batches(0)
+    assert all(torch.equal(a, b) for a, b in zip(main, batches(2)))  # the same with 2 workers
+    resumed = torch.utils.data.DataLoader(data, batch_size=2, sampler=common.KeyedSampler(order[2:], first=12))
+    assert all(torch.equal(a, b) for a, b in zip(main[1:], [x for x, _ in resumed]))  # and mid-epoch
+    assert not torch.equal(main[0][1], main[1][1])  # index 1 twice in an epoch: two augmentations
+    data.set_epoch(2)
+    assert not torch.equal(batches(0)[0], main[0])  # another epoch, another augmentation

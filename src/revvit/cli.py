@@ -11,6 +11,7 @@ revvit.bench and revvit.interop. Nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import sys
@@ -42,8 +43,32 @@ changes only that setting (--epochs 20 extends the run); another model, data set
 """
 
 
+def _os_error(e: OSError) -> str:
+    """What a failed file operation means for the user, in one line."""
+    where = e.filename if e.filename is not None else "?"
+    if e.errno == errno.ENOSPC:
+        return f"disk full at {where}: free space on that disk, then run again (revvit train: with --resume)"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {where}: choose a location you can write, or fix its permissions"
+    if isinstance(e, NotADirectoryError):
+        return f"{where}: part of the path is a file, not a folder; choose another path"
+    if isinstance(e, FileExistsError):
+        return f"{where} exists and is not a folder; choose another path"
+    if isinstance(e, IsADirectoryError):
+        return f"{where} is a folder; give a file"
+    if isinstance(e, FileNotFoundError) and e.filename is not None:
+        return f"no such file or folder: {where}"
+    return str(e) if e.filename is None else f"{e.strerror or e}: {where}"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A subcommand's handler that prints the errors a user can fix (no traceback) and returns 1 for them."""
+    """A subcommand's handler that prints an error as one line `revvit <cmd>: error: ...` (no traceback) and
+    returns 1: the errors a user can fix (bad settings, data, files, a full disk) as their message, anything
+    else with its type and a pointer to --debug. With --debug every error propagates with its traceback."""
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
         from .io import CheckpointError  # the package is imported only once a command runs: `--help` stays fast
@@ -51,12 +76,20 @@ def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
         try:
             return handler(args)
-        except (ConfigError, TrainError, CheckpointError, FileNotFoundError) as e:
-            print(f"revvit {args.command}: error: {e}", file=sys.stderr)
-            return 1
         except KeyboardInterrupt:
             print(f"revvit {args.command}: interrupted", file=sys.stderr)
             return 130
+        except Exception as e:
+            if getattr(args, "debug", False):
+                raise
+            if isinstance(e, OSError):
+                text = _os_error(e)
+            elif isinstance(e, (ConfigError, TrainError, CheckpointError, ValueError)):
+                text = str(e)  # revvit's own errors and the data checks' ValueErrors say what to do
+            else:
+                text = f"{type(e).__name__}: {e} (unexpected: --debug shows the traceback)"
+            print(f"revvit {args.command}: error: {_one_line(text)}", file=sys.stderr)
+            return 1
 
     return run
 
@@ -251,6 +284,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="revvit", description="Reversible Vision Transformers: train and evaluate.")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (may stand anywhere)")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -261,6 +295,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     # key=value overrides may stand anywhere after `train`; argparse alone would only take them before the flags
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
@@ -268,6 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra = [e for e in extra if e not in args.overrides]
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = debug
     return args.func(args)
 
 

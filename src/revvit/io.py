@@ -4,11 +4,15 @@ build on it.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from typing import Any, Callable, Optional
 
-__all__ = ["CheckpointError", "atomic_write"]
+__all__ = ["CheckpointError", "atomic_write", "disk_full", "remove_stale_temps", "TEMP_SUFFIX"]
+
+TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ".<final name>.<random>.tmp" beside the final file
 
 
 class CheckpointError(ValueError):
@@ -26,25 +30,60 @@ class CheckpointError(ValueError):
         super().__init__(f"{where}{problem}" + (f"\n{hint}" if hint else ""))
 
 
+def disk_full(path: os.PathLike | str) -> CheckpointError:
+    """The error for a write that ran out of space (ENOSPC), with the free space left where `path` goes."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = f" ({shutil.disk_usage(folder).free / 2**20:.1f} MiB free)"
+    except OSError:
+        free = ""
+    return CheckpointError(path, f"disk full{free}: nothing was replaced (the previous file, if any, is intact)",
+                           f"Free space on the disk holding {folder}, then run again (revvit train: with --resume).")
+
+
+class _Recording:
+    """A file that remembers the OSError its write raised: torch.save's zip writer swallows it and reports
+    "unexpected pos ..." instead, which would hide a full disk."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
 def atomic_write(path: os.PathLike | str, write: Callable[[Any], None]) -> None:
     """Write through `write(file)` into a temporary file beside `path`, make it durable (fsync of file and
     folder), then rename it over `path`: a crash at any moment leaves the old file or the new one, never a
-    truncated one, and a failed write removes its temporary file."""
+    truncated one, and a failed write removes its temporary file. A full disk (ENOSPC, also when the writer
+    reports it as something else) raises `disk_full(path)`."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CheckpointError(str(path), f"the folder {folder!r} does not exist", "Create it first.")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX)
+    f = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Recording(raw)
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        cause = f.error if f is not None and f.error is not None else e
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            raise disk_full(path) from e
         raise
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
@@ -54,3 +93,17 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Any], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temps(folder: os.PathLike | str) -> list[str]:
+    """Delete the temporary files a killed `atomic_write` left in `folder` (".<name>.<random>.tmp"); their
+    names. Call it only where no other process is writing into `folder`."""
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for entry in os.scandir(folder):
+        if entry.is_file() and entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) \
+                and entry.name.count(".") >= 3:
+            os.unlink(entry.path)
+            removed.append(entry.name)
+    return sorted(removed)

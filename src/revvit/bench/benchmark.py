@@ -110,10 +110,16 @@ def run_benchmark(family: str = "vit", size: str = "small", depths: Sequence[int
     when available."""
     if family not in ("vit", "mvit", "mvit-video"):
         raise ValueError(f"family must be vit, mvit or mvit-video, got {family!r}")
+    given = dict(batch_size=batch_size, img_size=img_size, num_frames=num_frames, steps=steps)
+    for name, value in given.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}")
+    if family == "vit" and (not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths)):
+        raise ValueError(f"depths must be whole numbers >= 1, e.g. (12, 24), got {list(depths)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     video = family == "mvit-video"
-    batch = batch_size or {"vit": 4, "mvit": 2, "mvit-video": 1}[family]
-    img_size = img_size or (112 if video else 224)
+    batch = batch_size if batch_size is not None else {"vit": 4, "mvit": 2, "mvit-video": 1}[family]
+    img_size = img_size if img_size is not None else (112 if video else 224)
     torch.manual_seed(0)
     shape = (batch, 3, num_frames, img_size, img_size) if video else (batch, 3, img_size, img_size)
     x = torch.randn(*shape, device=device)

@@ -104,9 +104,9 @@ def build_datasets(spec: DataSpec, splits: Sequence[str] = ("train", "val")) -> 
     splits = tuple(s for s in ("train", "val") if s in splits)
     for name in ("img_size", "in_chans", "num_frames", "sampling_rate", "test_clips"):
         if getattr(spec, name) < 1:
-            raise ValueError(f"DataSpec.{name} must be >= 1, got {getattr(spec, name)}")
+            raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
     if spec.test_crops not in (1, 3):
-        raise ValueError(f"DataSpec.test_crops must be 1 (center) or 3 (left/center/right), got {spec.test_crops}")
+        raise ValueError(f"test_crops must be 1 (center crop) or 3 (left/center/right crops), got {spec.test_crops}")
     mean, std = norm_stats(spec.mean, spec.std, spec.in_chans)
     source = spec.path or "digits"
     if source == "digits":
@@ -124,6 +124,11 @@ def build_datasets(spec: DataSpec, splits: Sequence[str] = ("train", "val")) -> 
         return _video_lists(spec, root, lists, splits, mean, std)
     if all((root / split).is_dir() for split in splits):
         return _image_folders(spec, root, splits, mean, std)
+    present = [s for s in ("train", "val") if (root / s).is_dir()]
+    if present:
+        missing = [s for s in splits if s not in present]
+        raise ValueError(f"{root} has {present[0]}/ but no {missing[0]}/: an image dataset needs both train/ and val/ "
+                         f"with the same class subfolders; create {root / missing[0]}/<class>/ with images")
     folders, files = " and ".join(f"{s}/" for s in splits), " and ".join(f"{s}.csv" for s in splits)
     raise ValueError(f"{root} is neither an image dataset ({folders} folders with one subfolder per class) "
                      f"nor a video dataset ({files}, or .txt, listing 'path label')")
@@ -195,6 +200,7 @@ def _video_lists(spec: DataSpec, root: Path, lists: dict, splits, mean, std) -> 
             unchecked[split] = len(samples[split])
         if not samples[split]:
             raise ValueError(f"no readable videos in {lists[split]}: list 'path label' lines of existing videos")
+    skipped = list(dict.fromkeys(skipped))  # a file in both lists (or twice in one) is named once
     warn_skipped(skipped, str(root))
     common = dict(num_frames=spec.num_frames, sampling_rate=spec.sampling_rate, img_size=spec.img_size,
                   in_chans=spec.in_chans, mean=mean, std=std)

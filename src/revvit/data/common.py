@@ -11,15 +11,18 @@ Kinetics. So by default (`verify=None`) a split is checked up front only when it
 """
 from __future__ import annotations
 
+import random
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
+import numpy as np
+import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 __all__ = ["SkippingDataset", "VERIFY_MAX_FILES", "should_verify", "find_unreadable", "warn_skipped", "TransformError",
-           "run_transform"]
+           "run_transform", "EpochSeeded", "KeyedSampler", "SkippedFiles"]
 
 Sample = tuple[str, int]
 
@@ -62,12 +65,16 @@ def find_unreadable(paths: Sequence[str], check: Callable[[str], None], workers:
     return [p for p, f in zip(paths, flags) if f]
 
 
+class SkippedFiles(UserWarning):
+    """The warning naming the files dropped before training (a caller that reports them itself filters it)."""
+
+
 def warn_skipped(bad: Sequence[str], where: str, show: int = 10) -> None:
     """One warning naming the skipped files (the first `show` of them) and how many there are."""
     if bad:
         names = ", ".join(bad[:show]) + (f", ... ({len(bad) - show} more)" if len(bad) > show else "")
         # stacklevel 4: warn_skipped <- _image_folders/_video_lists <- build_datasets <- its caller
-        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {where}: {names}", stacklevel=4)
+        warnings.warn(f"skipped {len(bad)} unreadable file(s) in {where}: {names}", SkippedFiles, stacklevel=4)
 
 
 class SkippingDataset(Dataset):
@@ -105,3 +112,60 @@ class SkippingDataset(Dataset):
                             f.write(path + "\n")
         raise RuntimeError(f"{self.max_tries} consecutive samples from index {index} failed to load; "
                            f"first failures: {self.failed[:3]}. Check the dataset files.")
+
+
+# -- augmentation as a function of (seed, epoch, sample position) ----------------------------------------
+class EpochSeeded(Dataset):
+    """Wraps a training dataset so that each sample's random draws (torch, numpy, python `random`: what
+    timm/torchvision transforms and the video transforms use) are seeded from (seed, epoch, key), not taken
+    from the state of whichever process loads it. So augmentation is the same with 0, 2 or 8 DataLoader
+    workers, and a run resumed mid-epoch augments the remaining samples exactly as an uninterrupted one.
+
+    `dataset[i]` uses key i; `dataset[(i, key)]` (from `KeyedSampler`) uses `key`, the sample's position in
+    the epoch, so a sample drawn twice in an epoch (repeated augmentation) gets two augmentations. The caller's
+    generators are left as they were. Other attributes are the wrapped dataset's."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str):
+        if name == "dataset":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, item):
+        index, key = item if isinstance(item, tuple) else (item, item)
+        words = np.random.SeedSequence([v % 2**32 for v in (self.seed, self.epoch, key)]).generate_state(2)
+        seed = int(words[0]) << 32 | int(words[1])
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self.dataset[index]
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class KeyedSampler(Sampler):
+    """Yields (index, key) for `EpochSeeded`: key = the index's position in the epoch over all processes
+    (rank r of W takes positions r, r + W, ... as DistributedSampler and RepeatAugSampler deal them),
+    counted from `first`, the position of the first index yielded (a resumed epoch skips some)."""
+
+    def __init__(self, sampler: Sampler, first: int = 0, rank: int = 0, world_size: int = 1):
+        self.sampler, self.first, self.rank, self.world_size = sampler, first, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for k, index in enumerate(self.sampler, self.first):
+            yield int(index), k * self.world_size + self.rank
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]

@@ -21,7 +21,11 @@ __all__ = ["ImageFolderDataset", "load_image_folder", "scan_image_folder", "chec
 def scan_image_folder(split_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
     """Sorted class names and, per class, its sorted image paths. Raises ValueError if there are no
     class subfolders (a flat folder of images, e.g. raw ImageNet val, must be sorted into classes)."""
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    entries = [e for e in os.scandir(split_dir) if not e.name.startswith(".")]
+    if not entries:
+        raise ValueError(f"{split_dir} is empty, no class folders: put the images in {split_dir}/<class>/, "
+                         "one subfolder per class (the same classes as the other split)")
+    classes = sorted(e.name for e in entries if e.is_dir())
     if not classes:
         raise ValueError(f"no class folders in {split_dir}: expected {split_dir}/<class>/<image>, "
                          "one subfolder per class (sort a flat image folder into class subfolders first)")

@@ -125,6 +125,11 @@ def save(model: nn.Module, path: os.PathLike | str, extra_metadata: Optional[Map
         model_name = spec_name if model_name is None else model_name
         model_kwargs = spec_kwargs if model_kwargs is None else model_kwargs
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(path, f"refused to write weights holding NaN or infinity ({len(bad)} tensor(s): "
+                              f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})",
+                              "Nothing was written; the model diverged.")
     meta = {"format": FORMAT, "model": model_name, "model_kwargs": dict(model_kwargs), "revvit_version": __version__,
             **(extra_metadata or {})}
     data = safetensors_bytes(tensors, metadata=_encode(meta))
@@ -239,6 +244,10 @@ def convert(src: os.PathLike | str, dst: os.PathLike | str, overwrite: bool = Fa
                               "Pass overwrite=True (revvit convert --force) to replace it.")
     if not dst.endswith(".safetensors"):
         raise CheckpointError(dst, "the destination must end in .safetensors (timm recognises the format by it)")
+    if os.path.isfile(src) and (src.endswith(".safetensors") or _is_safetensors(src)):
+        read_metadata(src)  # CheckpointError for a truncated or corrupt file, saying so
+        raise CheckpointError(src, "is already a revvit .safetensors file; convert takes an official SlowFast "
+                              "checkpoint (.pyth)", "Use the file as it is (revvit eval, revvit.load).")
     model, info = load_slowfast_with_info(src)
     save(model, dst, extra_metadata={"source": os.path.basename(src), "slowfast_cfg": info["cfg"]})
     return model

@@ -37,7 +37,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Pick the device and, under torchrun, join the process group (nccl on GPUs, gloo on CPUs)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but CUDA is not available")
+        raise ValueError("device=cuda, but this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+                         "False): use device=cpu or device=auto")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -15,7 +15,7 @@ from ..data import build_datasets
 from . import checkpoint as ckpt
 from .config import TrainConfig, from_dict
 from .distributed import DistInfo, ShardSampler, all_reduce_sum, init_distributed, shutdown
-from .parts import AMP_DTYPES, TrainError, data_spec
+from .parts import AMP_DTYPES, TrainError, check_data_kind, data_spec
 
 __all__ = ["evaluate", "eval_loader", "evaluate_checkpoint"]
 
@@ -93,6 +93,7 @@ def evaluate_checkpoint(path: str | Path, data: str, batch_size: int = 64, num_w
     d = init_distributed(device)
     try:
         bundle = build_datasets(data_spec(cfg, data, info.get("model")), splits=("val",))  # train is not scanned
+        check_data_kind(kw, bundle.kind, path, data)
         stored = info.get("class_names")
         diff = class_name_differences(stored, bundle.class_names) if stored else None
         if diff and not ignore_class_names:

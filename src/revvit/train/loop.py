@@ -14,6 +14,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -57,6 +58,7 @@ class RunState:
     best_top1: float = -1.0
     history: list = field(default_factory=list)
     epoch_loss: list = field(default_factory=lambda: [0.0, 0])  # [sum, steps] of the current epoch
+    skipped_in_a_row: int = 0  # optimiser steps skipped for non-finite gradients (not checkpointed)
 
 
 @dataclass
@@ -110,12 +112,13 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     if not resume and ckpt.list_checkpoints(out_dir):  # every rank checks, so all stop together
         raise TrainError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --output")
-    if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.check_output_dir(out_dir)  # the folder is created once data and model are known to be good
     say = tqdm.write if d.is_main else (lambda msg: None)
 
     random_seed(cfg.seed)
-    data = build_datasets(data_spec(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", data_common.SkippedFiles)  # said once, below
+        data = build_datasets(data_spec(cfg))
     for split in (data.train, data.val):  # files that fail to decode during the run, from every worker
         if hasattr(split, "record"):
             split.record = str(out_dir / UNREADABLE)
@@ -130,6 +133,9 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
                                            data.num_frames if data.kind == "video" else None)
     if cfg.pretrained and not (resume and ckpt.list_checkpoints(out_dir)):  # a resumed run has its own weights
         load_pretrained(model, cfg.pretrained, log=say)
+    if d.is_main:
+        ckpt.prepare_output_dir(out_dir, say)
+    data.train = data_common.EpochSeeded(data.train, cfg.seed)  # augmentation independent of the workers
     model.to(d.device)
     say(describe_run(cfg, data, sum(p.numel() for p in model.parameters()), str(d.device), d.world_size, out_dir))
     if d.is_main:
@@ -164,7 +170,7 @@ def resume_or_seed(run: Run, resume: bool) -> None:
         return
     path, state = found
     changed = check_resume(state["config"], run.cfg, run.out_dir)  # refuses another model, data, input, batch
-    run.model.load_state_dict(state["model"])
+    ckpt.load_model_state(run.model, state, path, run.cfg.model, run.model_kwargs)
     run.optimizer.load_state_dict(state["optimizer"])
     if set(changed) & set(SCHEDULE_KEYS):  # e.g. more epochs: the new schedule, at the step reached
         run.scheduler.step_update(state["global_step"])
@@ -216,8 +222,10 @@ def epoch_loader(run: Run, generator: torch.Generator) -> DataLoader:
     cfg, st = run.cfg, run.state
     run.sampler.set_epoch(st.epoch if cfg.repeated_aug == 1 else st.epoch + 100_000 * cfg.seed)
     generator.manual_seed(cfg.seed * 1_000_003 + st.epoch)
-    return DataLoader(run.data.train, batch_size=run.per_rank,
-                      sampler=SkipSampler(run.sampler, st.batches_done * run.per_rank), num_workers=cfg.num_workers,
+    run.data.train.set_epoch(st.epoch)
+    skip = st.batches_done * run.per_rank
+    sampler = data_common.KeyedSampler(SkipSampler(run.sampler, skip), skip, run.d.rank, run.d.world_size)
+    return DataLoader(run.data.train, batch_size=run.per_rank, sampler=sampler, num_workers=cfg.num_workers,
                       pin_memory=run.d.device.type == "cuda", drop_last=True, generator=generator,
                       persistent_workers=False)
 
@@ -251,7 +259,8 @@ def train_one_epoch(run: Run, loader: DataLoader) -> None:
         if cfg.clip_grad is not None:
             run.scaler.unscale_(run.optimizer)
             torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.clip_grad)
-        run.scaler.step(run.optimizer)
+        if finite_gradients(run):
+            run.scaler.step(run.optimizer)
         run.scaler.update()
         st.global_step += 1
         run.scheduler.step_update(st.global_step)
@@ -276,6 +285,29 @@ def train_one_epoch(run: Run, loader: DataLoader) -> None:
         if st.batches_done >= run.steps_per_epoch:
             break  # before the loader reads (and augments) a batch this epoch will not use
     bar.close()
+
+
+MAX_SKIPPED_STEPS = 3  # consecutive optimiser steps skipped for non-finite gradients before the run stops
+
+
+def finite_gradients(run: Run) -> bool:
+    """False (the update is skipped, with a warning) when a gradient is NaN/inf; TrainingDiverged after
+    MAX_SKIPPED_STEPS such steps in a row. Under fp16 the GradScaler does this itself (and lowers its scale).
+    DDP has averaged the gradients, so every rank decides the same. Costs a host sync (.item())."""
+    if run.scaler.is_enabled():
+        return True
+    norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
+    if math.isfinite(norm.item()):
+        run.state.skipped_in_a_row = 0
+        return True
+    run.state.skipped_in_a_row += 1
+    step = run.state.global_step + 1
+    if run.state.skipped_in_a_row >= MAX_SKIPPED_STEPS:
+        raise TrainingDiverged(f"gradients are not finite at {MAX_SKIPPED_STEPS} steps in a row (up to step {step}); "
+                               f"training stopped, the last good checkpoint is kept. Try a lower lr (now {run.cfg.lr} "
+                               "per 512 images) or gradient clipping (clip_grad=1.0).")
+    run.say(f"warning: non-finite gradients at step {step}: update skipped")
+    return False
 
 
 def end_epoch(run: Run) -> None:

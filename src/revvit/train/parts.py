@@ -15,7 +15,7 @@ from .config import TrainConfig
 from .distributed import DistInfo
 
 __all__ = ["TrainError", "TrainingDiverged", "AMP_DTYPES", "create_run_model", "data_spec", "train_sampler",
-           "mixup_fn"]
+           "mixup_fn", "check_data_kind"]
 
 AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,9 +46,23 @@ def create_run_model(cfg: TrainConfig, num_classes: int, img_size: int, in_chans
         model = timm.create_model(cfg.model, **kwargs)
     except TypeError as e:
         raise TrainError(f"cannot build {cfg.model} with {kwargs}: {e}") from None
+    except ValueError as e:  # e.g. an img_size the patch size does not divide
+        raise TrainError(f"cannot build {cfg.model}: {e}; change img_size or model_kwargs") from None
     if hasattr(model, "set_backprop"):
         model.set_backprop(cfg.backprop)
     return model, kwargs
+
+
+def check_data_kind(model_kwargs: dict, kind: str, path, data: str) -> None:
+    """TrainError when a video model (built with num_frames) meets image data, or an image model video data."""
+    frames = model_kwargs.get("num_frames") or 1
+    video = frames > 1 or model_kwargs.get("patch_2d") is False  # image MViTs record num_frames=1, patch_2d
+    if video and kind == "image":
+        raise TrainError(f"{path} is a video model ({frames}-frame clips) but {data} holds images: evaluate it on "
+                         "video data (digits-video, or a folder with train/val video lists)")
+    if not video and kind == "video":
+        raise TrainError(f"{path} is an image model but {data} holds videos: evaluate it on images "
+                         "(digits, or a folder with train/ and val/ class folders)")
 
 
 def data_spec(cfg: TrainConfig, path: Optional[str] = None, model_name: Optional[str] = None) -> DataSpec:
