@@ -94,3 +94,35 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, what):
 def test_eval_refuses_a_classifier_file_and_a_missing_file(digits, tmp_path, capsys):
     assert main(["detect", "eval", "--checkpoint", str(tmp_path / "none.safetensors"), "--data", str(digits)]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["rev_mvit_b_mask_rcnn", "mvit_b_mask_rcnn", "rev_vit_b_vitdet_mask_rcnn"])
+def test_recipes_are_valid_configs(name):
+    from pathlib import Path
+
+    from revvit.detection.config import load_detection_config
+
+    cfg = load_detection_config(Path(__file__).parents[1] / "configs" / "detection" / f"{name}.yaml").check()
+    assert cfg.batch_size == 64 and cfg.warmup_iters == 250 and cfg.amp == "fp16"
+
+
+def test_bench_detection_memory_reversible_below_autograd(capsys):
+    from revvit.bench.detection import detection_memory, format_detection_table
+    from revvit.detection import create_detector
+
+    def build(name, mode):
+        return create_detector(name, 5, min_size=64, max_size=64, out_channels=16, box_head_dim=16, mask_head_dim=8,
+                               backprop=mode, stage_depths=(2, 2, 3, 2), embed_dim=16)
+
+    rows = detection_memory(build, img_size=64, batch=1, device="cpu", log=lambda _m: None,
+                            candidates=(("Rev", "rev_mvit_tiny", "reversible"), ("Rev", "rev_mvit_tiny", "autograd"),
+                                        ("MViT", "mvit_tiny", "autograd")))
+    assert [r.backprop for r in rows] == ["reversible", "autograd", "autograd"]
+    assert rows[1].mb_per_image > rows[0].mb_per_image
+    assert "| Rev | autograd |" in format_detection_table(rows)
+
+
+def test_bad_config_key_is_one_line(tmp_path, capsys):
+    assert main(["detect", "train", "--output", str(tmp_path), "lrr=0.1"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown key(s) ['lrr']" in err and len(err.strip().splitlines()) == 1

@@ -148,7 +148,7 @@ def _budget(text: str) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="activation memory and step time: reversible vs autograd vs checkpointing")
-    b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video"],
+    b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video", "detection"],
                    help="vit: Rev-ViT vs timm ViT (+checkpointing) at several depths; mvit: Rev-MViT-B vs "
                         "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4 (default: vit)")
     b.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
@@ -173,6 +173,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_benchmark
 
+    if args.family == "detection":  # Mask R-CNN memory: see the detect section
+        return _bench_detection(args)
     if args.budget is not None:
         return _bench_budget(args)
 
@@ -340,6 +342,24 @@ def _detect_eval(args: argparse.Namespace) -> int:
     result = evaluate_detector(det.to(device), dataset, args.batch_size, device, args.amp)
     print(result.summary)
     print(result.ap_line())
+    return 0
+
+
+def _bench_detection(args: argparse.Namespace) -> int:
+    """`revvit bench --family detection [--img-size N] [--batch-size N] [--device D] [--json F]`."""
+    from .bench.detection import detection_memory, format_detection_table
+    from .detection import create_detector
+
+    def build(name: str, mode: str):
+        size = args.img_size or 512
+        return create_detector(name, 81, min_size=size, max_size=size, backprop=mode)  # COCO: 80 classes
+
+    rows = detection_memory(build, args.img_size or 512, args.batch_size or 1, args.device,
+                            log=lambda msg: print(msg, flush=True))
+    print(format_detection_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
     return 0
 
 
