@@ -148,3 +148,61 @@ def test_fp32_reversible_gradients_match_autograd_with_drop_path(name, kwargs):
     model = timm.create_model(name, num_classes=7, drop_path_rate=0.3, **kwargs)
     assert_reversible_matches_autograd(model, example_input(model), loss=lambda out: out.logsumexp(-1).sum(),
                                        seed=4, rtol=1e-5)
+
+
+# -- any input size (dynamic_img_size) --------------------------------------------------------------
+
+DYNAMIC = {  # name -> (CPU-sized kwargs, total stride)
+    "rev_vit_tiny_patch16_224": (dict(img_size=32, patch_size=8, depth=3, embed_dim=32, num_heads=2), 8),
+    "rev_mvit_tiny": (dict(img_size=32, embed_dim=16), 16),
+    "mvit_tiny": (dict(img_size=32, embed_dim=16), 16),
+}
+
+
+def dynamic(name: str, **kwargs):
+    torch.manual_seed(0)
+    return timm.create_model(name, **{**DYNAMIC[name][0], "num_classes": 5, "dynamic_img_size": True, **kwargs})
+
+
+@pytest.mark.parametrize("name", DYNAMIC)
+def test_dynamic_img_size_is_identical_at_the_built_size_and_follows_other_sizes(name):
+    kwargs, stride = DYNAMIC[name]
+    fixed = dynamic(name, dynamic_img_size=False).eval()
+    model = dynamic(name).eval()
+    model.load_state_dict(fixed.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), fixed(x))
+    x = torch.randn(2, 3, 3 * stride, 5 * stride)
+    assert model(x).shape == (2, 5) and torch.isfinite(model(x)).all()
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    assert len(maps) == len(model.feature_info)
+    for info, m in zip(model.feature_info, maps):
+        r = info["reduction"]
+        assert m.shape == (2, info["num_chs"], 3 * stride // r, 5 * stride // r)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 3, stride + stride // 2, stride))
+    with pytest.raises(ValueError, match="dynamic_img_size=True"):  # the fixed model says how to take any size
+        fixed(x)
+
+
+@pytest.mark.parametrize("name", ["rev_vit_tiny_patch16_224", "rev_mvit_tiny"])
+def test_reversible_gradients_equal_autograd_at_another_size(name):
+    stride = DYNAMIC[name][1]
+    model = dynamic(name, drop_path_rate=0.2).double()
+    x = torch.randn(2, 3, 2 * stride, 3 * stride, dtype=torch.float64)
+    assert_reversible_matches_autograd(model, x)
+
+
+def test_two_forwards_of_different_grids_before_one_backward():
+    """32x64 and 64x32 have the same token count but not the same grid: each recomputation must pool on its
+    own forward's grid, whatever ran in between."""
+    model = dynamic("rev_mvit_tiny", drop_path_rate=0.2).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    assert_reversible_matches_autograd(model, x, forward=lambda m, v: torch.cat([m(v[..., :32, :]), m(v[..., :, :32])]))
+
+
+def test_dynamic_video_model_takes_other_clip_sizes():
+    torch.manual_seed(0)
+    model = timm.create_model("rev_mvit_tiny_video", img_size=32, embed_dim=16, num_frames=4, num_classes=3,
+                              dynamic_img_size=True).eval()
+    assert model(torch.randn(1, 3, 8, 48, 32)).shape == (1, 3)

@@ -197,7 +197,7 @@ def _budget(text: str) -> int:
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="activation memory and step time: reversible vs autograd vs checkpointing")
-    b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video"],
+    b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video", "detection"],
                    help="vit: Rev-ViT vs timm ViT (+checkpointing) at several depths; mvit: Rev-MViT-B vs "
                         "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4 (default: vit)")
     b.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
@@ -222,6 +222,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_benchmark
 
+    if args.family == "detection":  # Mask R-CNN memory: see the detect section
+        return _bench_detection(args)
     if args.budget is not None:
         return _bench_budget(args)
 
@@ -282,6 +284,134 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- detect --------------------------------------------------------------------------------------------
+DETECT_EPILOG = """\
+Without --data: builds the digits COCO set under OUT/digits_coco and trains a tiny Rev-MViT Mask R-CNN
+(a few minutes on 2 CPU cores), then prints COCO box and mask AP. Any DetectionConfig field can be set as
+key=value after the options (YAML-typed; backbone_kwargs.NAME=VALUE sets one backbone option); flags win
+over key=value, which wins over --config (configs/detection/*.yaml), which wins over the defaults.
+--batch-size is the global batch (all torchrun processes together). --resume continues exactly from the
+newest good checkpoint in --output.
+"""
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Takes key=value positionals anywhere among the options (argparse's intermixed parsing)."""
+
+    _inside = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inside:  # parse_known_intermixed_args calls back in here
+            return super().parse_known_args(args, namespace)
+        self._inside = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inside = False
+
+
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("detect", help="Mask R-CNN on Rev-MViT / MViT / Rev-ViT backbones: COCO in, COCO AP out")
+    dsub = d.add_subparsers(dest="detect_command", required=True, parser_class=_IntermixedParser)
+    t = dsub.add_parser("train", help="train a detector (no --data: the digits COCO demo)", epilog=DETECT_EPILOG,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--backbone", help="revvit timm model, e.g. rev_mvit_base, mvit_base, rev_vit_base_patch16_224")
+    t.add_argument("--data", help="COCO 2017 layout: DIR/{train,val}2017/, DIR/annotations/instances_*2017.json")
+    t.add_argument("--output", required=True, help="run directory")
+    t.add_argument("--config", help="YAML recipe, e.g. configs/detection/rev_mvit_b_mask_rcnn.yaml")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int, help="global batch size")
+    t.add_argument("--img-size", type=int, help="training and evaluation resolution (longer image side)")
+    t.add_argument("--pretrained", help="classification checkpoint for the backbone (.pyth or revvit .safetensors)")
+    t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision via torch.autocast")
+    t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="override any DetectionConfig field")
+    t.set_defaults(func=_detect_train)
+    e = dsub.add_parser("eval", help="COCO bbox/segm AP of a detector on DIR's val2017")
+    e.add_argument("--checkpoint", required=True, help="model.safetensors (or a checkpoint .pt) of detect train")
+    e.add_argument("--data", required=True, help="COCO 2017 layout (val2017 and its annotation file are used)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--amp", choices=["bf16", "fp16"])
+    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.set_defaults(func=_detect_eval)
+
+
+def _detect_command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """A detect handler that prints what a user can fix on one line (no traceback) and returns 1."""
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from .detection import DetectionDataError
+        from .detection.config import DetectionConfigError
+        from .io import CheckpointError
+
+        try:
+            return handler(args)
+        except (DetectionDataError, DetectionConfigError, CheckpointError, FileNotFoundError,
+                FloatingPointError) as e:
+            print(f"revvit detect {args.detect_command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"revvit detect {args.detect_command}: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+@_detect_command
+def _detect_train(args: argparse.Namespace) -> int:
+    from .detection.config import apply_detection_overrides, load_detection_config
+    from .detection.train import train_detector
+
+    cfg = apply_detection_overrides(load_detection_config(args.config), args.overrides)
+    flags = {"backbone": args.backbone, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
+             "pretrained": args.pretrained, "amp": args.amp}
+    for key, value in flags.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if args.img_size is not None:
+        cfg.set_img_size(args.img_size)
+    train_detector(cfg, Path(args.output), resume=args.resume, log=lambda msg: print(msg, flush=True))
+    return 0
+
+
+@_detect_command
+def _detect_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .detection import CocoDetection, DetectionDataError, detector_from_checkpoint
+    from .detection.train import evaluate_detector
+
+    det, meta = detector_from_checkpoint(args.checkpoint)
+    dataset = CocoDetection(args.data, "val")
+    trained = meta.get("detector", {}).get("num_classes")
+    if trained != dataset.categories.num_classes:
+        raise DetectionDataError(f"{args.checkpoint} detects {trained - 1 if trained else '?'} classes but "
+                                f"{args.data} has {dataset.categories.num_classes - 1}: evaluate on its own categories")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    result = evaluate_detector(det.to(device), dataset, args.batch_size, device, args.amp)
+    print(result.summary)
+    print(result.ap_line())
+    return 0
+
+
+def _bench_detection(args: argparse.Namespace) -> int:
+    """`revvit bench --family detection [--img-size N] [--batch-size N] [--device D] [--json F]`."""
+    from .bench.detection import detection_memory, format_detection_table
+    from .detection import create_detector
+
+    def build(name: str, mode: str):
+        size = args.img_size or 512
+        return create_detector(name, 81, min_size=size, max_size=size, backprop=mode)  # COCO: 80 classes
+
+    rows = detection_memory(build, args.img_size or 512, args.batch_size or 1, args.device,
+                            log=lambda msg: print(msg, flush=True))
+    print(format_detection_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.as_dict() for r in rows], f, indent=2)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="revvit", description="Reversible Vision Transformers: train and evaluate.")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (may stand anywhere)")
@@ -290,6 +420,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_bench(sub)
     add_convert_parser(sub)
+    _add_detect(sub)
     return p
 
 

@@ -3,7 +3,8 @@
 Video (B, C, T, H, W) or images (B, C, H, W) -> tokens (B, T'*H'*W', D) with T' slowest, plus the token
 grid (T', H', W') (images: T' = 1). The input size is fixed at construction, since the position
 embeddings and every pooling layer's grid depend on it; a wrong input raises a ValueError naming the
-expected shape.
+expected shape. With `dynamic_img_size` any frame count and frame size is taken and the grid returned is
+the input's (the model resamples its position embeddings and pools on that grid).
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ class PatchEmbed3d(nn.Module):
 
     def __init__(self, img_size: int | Sequence[int] = 224, num_frames: int = 1, in_chans: int = 3,
                  embed_dim: int = 96, kernel: Sequence[int] = (3, 7, 7), stride: Sequence[int] = (2, 4, 4),
-                 padding: Sequence[int] = (1, 3, 3), conv_2d: bool = False):
+                 padding: Sequence[int] = (1, 3, 3), conv_2d: bool = False, dynamic_img_size: bool = False):
         super().__init__()
+        self.dynamic_img_size = dynamic_img_size
         self.grid_size: Grid = patch_grid(img_size, num_frames, kernel, stride, padding, conv_2d)
         self.img_size = to_2tuple(img_size)
         self.num_frames = int(num_frames)
@@ -65,13 +67,19 @@ class PatchEmbed3d(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Grid]:
         """(B, C, [T,] H, W) -> tokens (B, N, D) and their grid (T', H', W')."""
-        check_video_input(x, self.in_chans, self.num_frames, self.img_size)
+        if self.dynamic_img_size:
+            check_video_input(x, self.in_chans, x.shape[2] if x.ndim == 5 else 1, tuple(x.shape[-2:]))
+        else:
+            check_video_input(x, self.in_chans, self.num_frames, self.img_size)
         if self.conv_2d and x.ndim == 5:
+            if x.shape[2] != 1:
+                raise ValueError(f"a 2-D patch embedding takes images or one-frame clips, got shape {tuple(x.shape)}")
             x = x.squeeze(2)
         elif not self.conv_2d and x.ndim == 4:
             x = x.unsqueeze(2)
         x = self.proj(x)
-        return x.flatten(2).transpose(1, 2), self.grid_size
+        grid = self.grid_size if not self.dynamic_img_size else (1,) * (5 - x.ndim) + tuple(x.shape[2:])
+        return x.flatten(2).transpose(1, 2), grid  # type: ignore[return-value]
 
 
 def check_video_input(x: Tensor, in_chans: int, num_frames: int, img_size: tuple[int, int]) -> None:
@@ -94,4 +102,4 @@ def check_video_input(x: Tensor, in_chans: int, num_frames: int, img_size: tuple
                          f"create the model with num_frames={x.shape[2]}")
     if tuple(x.shape[-2:]) != (h, w):
         raise ValueError(f"expected frames of size {h}x{w}, {expected}, {got}; resize the input or create "
-                         f"the model with img_size={x.shape[-2]}")
+                         f"the model with img_size={x.shape[-2]}, or with dynamic_img_size=True to take any size")

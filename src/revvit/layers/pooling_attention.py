@@ -123,10 +123,12 @@ class PoolingAttention(nn.Module):
 
 
 class PoolingAttentionBranch(nn.Module):
-    """F of Rev-MViT: LayerNorm -> pooling attention on the fixed grid `grid`; (B, N, dim) -> (B, N', dim_out).
+    """F of Rev-MViT: LayerNorm -> pooling attention on a token grid; (B, N, dim) -> (B, N', dim_out).
 
-    The grid is fixed at construction because the reversible engine calls F with one tensor. `kwargs` go
-    to PoolingAttention (qkv layout, pooling kernels and strides).
+    The reversible engine calls F with one tensor, so the grid is `grid` (the one of the construction-time
+    input size) unless the caller binds another: `forward(x, grid)` (Rev-MViT binds the grid of each
+    forward's input into the F its stack records, see `models.mvit.GridBlock`). `kwargs` go to
+    PoolingAttention (qkv layout, pooling kernels and strides).
     """
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, grid: Grid, **kwargs):
@@ -135,5 +137,5 @@ class PoolingAttentionBranch(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = PoolingAttention(dim, dim_out, num_heads, **kwargs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attn(self.norm(x), self.grid)[0]
+    def forward(self, x: Tensor, grid: Optional[Grid] = None) -> Tensor:
+        return self.attn(self.norm(x), self.grid if grid is None else grid)[0]

@@ -7,143 +7,33 @@
     MViT:     the same layers as pre-norm residual blocks on one stream; head LN(x) -> mean -> Linear
 
 One config describes both (`MViTConfig`); `layer_layout` (in `mvit_layout`) turns it into one `LayerSpec`
-per layer, and the models here build their modules from those specs. The transition's residual path
+per layer, and the models here build their modules from those specs. With `dynamic_img_size=True` any
+input size the strides divide is taken: the position embeddings are resampled to the input's grid and
+every layer pools on the grid `layer_layout` gives for that input (the specs of each input grid are
+cached; the modules do not change). The transition's residual path
 follows the official release, and an official checkpoint loads through `checkpoint_filter_fn` (renames
 only).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import fields
 from typing import Mapping, Optional, Sequence, Union
 
 import torch
-from timm.layers import DropPath, drop_path, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Grid, Mlp, MlpBranch, PatchEmbed3d, PoolingAttention, PoolingAttentionBranch, TokenClassifierMixin
-from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, records_graph
+from ..layers import Grid, MlpBranch, PatchEmbed3d, PoolingAttentionBranch, TokenClassifierMixin, resample_pos_embed
+from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
-from .mvit_layout import LayerSpec, MViTConfig, layer_layout, parse_fusion
+from .mvit_blocks import GridBlock, MViTBlock, StageTransition, StreamFusion, attention_options
+from .mvit_layout import LayerSpec, MViTConfig, layer_layout
 
-__all__ = ["MViTConfig", "LayerSpec", "layer_layout", "RevMViT", "MViT", "official_to_revvit",
-           "checkpoint_filter_fn"]
-
-
-# -- blocks ---------------------------------------------------------------------------------------
-
-def _attention_options(spec: LayerSpec, cfg: MViTConfig) -> dict:
-    """The PoolingAttention options of one layer."""
-    return dict(qkv_bias=cfg.qkv_bias, separate_qkv=cfg.separate_qkv, kernel_q=spec.kernel_q, stride_q=spec.stride_q,
-                kernel_kv=spec.kernel_kv, stride_kv=spec.stride_kv)
-
-
-class StreamFusion(nn.Module):
-    """Merge the two streams (B, N, C) of a reversible run before a transition.
-
-    "avg": (X1 + X2) / 2, width C. "concat_linear_<m>": x = [X1, X2] (2C), then x + MLP(x) with hidden
-    width m * 2C (the official `pre_q_fuse.fuse_fn` is our `mlp`).
-    """
-
-    def __init__(self, mode: str, dim: int):
-        super().__init__()
-        self.mode = mode
-        mult = parse_fusion(mode)
-        self.dim_out = dim if mult is None else 2 * dim
-        self.mlp = None if mult is None else Mlp(2 * dim, int(2 * dim * mult), 2 * dim)
-
-    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        if self.mlp is None:
-            return (x1 + x2) / 2
-        x = torch.cat([x1, x2], dim=-1)
-        return x + self.mlp(x)
-
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}"
-
-
-class StageTransition(nn.Module):
-    """The non-reversible block between reversible runs: two streams (B, N, C) -> one (B, N', C_out).
-
-        x   = fuse(X1, X2)                                  (B, N, C or 2C)
-        res = pool_q(res_proj(x))    res_proj only if the width changes; pooled by the attention's own
-                                     Q conv + norm (shared weights), per head
-        x   = res + F(x)             F = LN -> pooling attention with Q stride, width -> C_out
-        x   = x + G(x)               G = LN -> MLP
-        out = DropPath(x)            on the whole block output, as in the official release
-
-    With `recompute` (set by RevMViT's "reversible" mode) the block keeps none of its activations and
-    recomputes them in backward (activation checkpointing, random draws replayed). Its inputs are the
-    previous run's outputs, which reversible backprop keeps anyway, so the transitions, the largest
-    activation holders of the official model (full resolution, before the Q pooling), cost no memory
-    after the forward pass.
-    """
-
-    def __init__(self, spec: LayerSpec, cfg: MViTConfig):
-        super().__init__()
-        self.fuse = StreamFusion(cfg.pre_q_fusion, spec.dim)
-        dim = self.fuse.dim_out
-        self.f = PoolingAttentionBranch(dim, spec.dim_out, spec.num_heads, spec.grid, **_attention_options(spec, cfg))
-        self.res_proj = nn.Linear(dim, spec.dim_out) if dim != spec.dim_out else None
-        self.g = MlpBranch(spec.dim_out, cfg.mlp_ratio)
-        self.drop_path = spec.drop_path
-        self.recompute = True
-
-    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        if self.recompute and records_graph(self, x1, x2):
-            return checkpoint(self._forward, x1, x2, use_reentrant=False, preserve_rng_state=True)
-        return self._forward(x1, x2)
-
-    def _forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        x = self.fuse(x1, x2)
-        res = x if self.res_proj is None else self.res_proj(x)
-        x = self.f.attn.pool_like_q(res, self.f.grid) + self.f(x)
-        x = x + self.g(x)
-        return drop_path(x, self.drop_path, self.training)
-
-    def extra_repr(self) -> str:
-        return f"drop_path={self.drop_path}, recompute={self.recompute}"
-
-
-class MViTBlock(nn.Module):
-    """Pre-norm MViT block on one stream, (B, N, dim) on a fixed grid -> (B, N', dim_out).
-
-        x = pool_skip(res_proj(LN1(x)) or x) + DropPath(attn(LN1(x)))
-        x = x + DropPath(MLP(LN2(x)))
-
-    The attention does the width change and the Q pooling; the residual is projected from LN1(x) when the
-    width changes and max-pooled (kernel s+1, stride s) when Q is strided, as in the official MViTv2 block.
-    """
-
-    def __init__(self, spec: LayerSpec, cfg: MViTConfig):
-        super().__init__()
-        self.grid = spec.grid
-        self.norm1 = nn.LayerNorm(spec.dim, eps=1e-6)
-        self.attn = PoolingAttention(spec.dim, spec.dim_out, spec.num_heads, **_attention_options(spec, cfg))
-        self.res_proj = nn.Linear(spec.dim, spec.dim_out) if spec.dim != spec.dim_out else None
-        self.pool_skip = None
-        if spec.stride_q and math.prod(spec.stride_q) > 1:
-            kernel = [s + 1 if s > 1 else s for s in spec.stride_q]
-            self.pool_skip = nn.MaxPool3d(kernel, spec.stride_q, [k // 2 for k in kernel])
-        self.drop_path = DropPath(spec.drop_path) if spec.drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(spec.dim_out, eps=1e-6)
-        self.mlp = Mlp(spec.dim_out, int(spec.dim_out * cfg.mlp_ratio))
-
-    def _pool_skip(self, x: Tensor) -> Tensor:
-        if self.pool_skip is None:
-            return x
-        b, _, c = x.shape
-        x = self.pool_skip(x.transpose(1, 2).reshape(b, c, *self.grid))
-        return x.flatten(2).transpose(1, 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x_norm = self.norm1(x)
-        y, _ = self.attn(x_norm, self.grid)
-        x = self._pool_skip(x if self.res_proj is None else self.res_proj(x_norm)) + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+__all__ = ["MViTConfig", "LayerSpec", "layer_layout", "RevMViT", "MViT", "StageTransition", "StreamFusion",
+           "GridBlock", "MViTBlock", "official_to_revvit", "checkpoint_filter_fn"]
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -161,7 +51,9 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
         self.num_classes = cfg.num_classes
         self.global_pool = cfg.global_pool
         self.patch_embed = PatchEmbed3d(cfg.img_size, cfg.num_frames, cfg.in_chans, cfg.embed_dim, cfg.patch_kernel,
-                                        cfg.patch_stride, cfg.patch_padding, conv_2d=cfg.patch_2d)
+                                        cfg.patch_stride, cfg.patch_padding, conv_2d=cfg.patch_2d,
+                                        dynamic_img_size=cfg.dynamic_img_size)
+        self._layouts: dict[Grid, list[LayerSpec]] = {}  # specs per input grid other than the built one
         t, h, w = grid = self.patch_embed.grid_size
         if cfg.sep_pos_embed:
             self.pos_embed_spatial = nn.Parameter(torch.zeros(1, h * w, cfg.embed_dim))
@@ -194,20 +86,41 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed_spatial", "pos_embed_temporal"} if self.cfg.sep_pos_embed else {"pos_embed"}
 
-    def _embed(self, x: Tensor) -> Tensor:
-        x, (t, h, w) = self.patch_embed(x)
-        if self.cfg.sep_pos_embed:  # token t*HW + s gets spatial[s] + temporal[t]
-            pos = self.pos_embed_spatial.repeat(1, t, 1) + self.pos_embed_temporal.repeat_interleave(h * w, dim=1)
-            return x + pos
-        return x + self.pos_embed
+    def layout_for(self, grid: Grid) -> list[LayerSpec]:
+        """The layer specs on input token grid `grid` (the built ones at the construction-time grid)."""
+        grid = tuple(grid)
+        if grid == self.specs[0].grid:
+            return self.specs
+        if grid not in self._layouts:
+            reduction = self.feature_info[-1]["reduction"] // self.patch_embed.stride[1]
+            if grid[1] % reduction or grid[2] % reduction:
+                size = f"{grid[1] * self.patch_embed.stride[1]}x{grid[2] * self.patch_embed.stride[2]}"
+                raise ValueError(f"input of about {size} gives a {grid[1]}x{grid[2]} token grid, which the model's "
+                                 f"Q strides ({reduction}) do not divide: give image sides divisible by "
+                                 f"{self.feature_info[-1]['reduction']}")
+            self._layouts[grid] = layer_layout(self.cfg, grid, reversible=isinstance(self, RevMViT))
+        return self._layouts[grid]
 
-    def _run(self, x: Tensor, take: Sequence[int] = (), stop: Optional[int] = None) -> tuple[Tensor, dict[int, Tensor]]:
-        """Tokens after the stem -> (final tokens, {level: that stage's output tokens} for levels in take)."""
+    def _embed(self, x: Tensor) -> tuple[Tensor, list[LayerSpec]]:
+        """Input -> tokens with position embeddings (resampled to the input's grid), and the layer specs."""
+        x, (t, h, w) = self.patch_embed(x)
+        specs = self.layout_for((t, h, w))
+        t0, h0, w0 = self.specs[0].grid
+        if self.cfg.sep_pos_embed:  # token t*HW + s gets spatial[s] + temporal[t]
+            spatial = resample_pos_embed(self.pos_embed_spatial, (h0, w0), (h, w))
+            temporal = resample_pos_embed(self.pos_embed_temporal, (t0, 1, 1), (t, 1, 1))
+            return x + spatial.repeat(1, t, 1) + temporal.repeat_interleave(h * w, dim=1), specs
+        return x + resample_pos_embed(self.pos_embed, (t0, h0, w0), (t, h, w)), specs
+
+    def _run(self, x: Tensor, specs: list[LayerSpec], take: Sequence[int] = (),
+             stop: Optional[int] = None) -> tuple[Tensor, dict[int, Tensor]]:
+        """Tokens after the stem and their layer specs -> (final tokens, {level: that stage's output tokens}
+        for levels in take)."""
         raise NotImplementedError
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, [T,] H, W) -> normalised tokens (B, N_last, num_features)."""
-        return self.norm(self._run(self._embed(x))[0])
+        return self.norm(self._run(*self._embed(x))[0])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -227,8 +140,9 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
         image = x.ndim == 4
         last = len(self.feature_info) - 1
         stop = max_index if (stop_early or intermediates_only) and max_index < last else None
-        x, maps = self._run(self._embed(x), take, stop=stop)
-        ends = self._stage_ends()
+        x, specs = self._embed(x)
+        x, maps = self._run(x, specs, take, stop=stop)
+        ends = [s for s in specs if s.stage_end]
         out = []
         for level in take:
             y = self.norm(maps[level]) if norm and level == last else maps[level]
@@ -281,25 +195,27 @@ class RevMViT(_MultiscaleBase):
             else:  # the run being collected becomes stages[len(stages)]
                 self.layer_names.append(f"stages.{len(stages)}.blocks.{len(run)}")
                 f = PoolingAttentionBranch(spec.dim, spec.dim_out, spec.num_heads, spec.grid,
-                                           **_attention_options(spec, cfg))
-                run.append(ReversibleBlock(f, MlpBranch(spec.dim, cfg.mlp_ratio), drop_path=spec.drop_path))
+                                           **attention_options(spec, cfg))
+                run.append(GridBlock(f, MlpBranch(spec.dim, cfg.mlp_ratio), drop_path=spec.drop_path))
                 if spec.stage_end:  # a stage ends before a transition, so at the end of a run
                     feature_modules.append(f"stages.{len(stages)}")
         stages.append(ReversibleStack(run))
         self.stages = nn.ModuleList(stages)
         self._init_head(2, feature_modules)
 
-    def _run(self, x, take=(), stop=None):
+    def _run(self, x, specs, take=(), stop=None):
         maps = {}
         x1 = x2 = x
         done = 0  # layers run so far
         for stage in self.stages:
             if isinstance(stage, StageTransition):
-                x, done = stage(x1, x2), done + 1
+                x, done = stage(x1, x2, specs[done].grid), done + 1
                 continue
+            for i, block in enumerate(stage.blocks):  # bound into the F the stack records (GridBlock)
+                block.grid = specs[done + i].grid
             x1, x2 = stage(x, x)  # each run restarts from two copies of its input
             done += len(stage)
-            last = self.specs[done - 1]
+            last = specs[done - 1]
             if last.stage_end and last.stage in take:
                 maps[last.stage] = torch.cat([x1, x2], dim=-1)
             if last.stage_end and last.stage == stop:
@@ -348,13 +264,13 @@ class MViT(_MultiscaleBase):
         self.blocks = nn.ModuleList([MViTBlock(s, cfg) for s in self.specs])
         self._init_head(1, [f"blocks.{s.index}" for s in self._stage_ends()])
 
-    def _run(self, x, take=(), stop=None):
+    def _run(self, x, specs, take=(), stop=None):
         maps = {}
-        for spec, block in zip(self.specs, self.blocks, strict=True):
+        for spec, block in zip(specs, self.blocks, strict=True):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)  # drop path's draws are replayed
+                x = checkpoint(block, x, spec.grid, use_reentrant=False)  # drop path's draws are replayed
             else:
-                x = block(x)
+                x = block(x, spec.grid)
             if spec.stage_end and spec.stage in take:
                 maps[spec.stage] = x
             if spec.stage_end and spec.stage == stop:

@@ -58,6 +58,7 @@ class MViTConfig:
     drop_path_rate: float = 0.1  # linear in the layer index over all layers (transitions included)
     global_pool: str = "avg"
     stage_depths: Optional[tuple] = None
+    dynamic_img_size: bool = False  # any input size the strides divide: pos embeds resampled, grids follow
 
     def __post_init__(self):
         if self.stage_depths is None:

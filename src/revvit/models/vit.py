@@ -4,7 +4,9 @@
     -> reversible blocks, F = LN -> attention, G = LN -> MLP -> [Y1, Y2] (B, N, 2D)
     -> LayerNorm(2D) -> mean over tokens -> Linear(2D, classes)
 
-No class token; logits out (the official head applies softmax in eval mode, this one never does). An
+No class token; logits out (the official head applies softmax in eval mode, this one never does). With
+`dynamic_img_size=True` (timm's convention) any image size the patch size divides is taken, the position
+embedding resampled (bicubic) from the `img_size` grid to the input's. An
 official SlowFast Rev-ViT checkpoint loads through `checkpoint_filter_fn` (renames, and the split of a
 fused qkv).
 """
@@ -19,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin
+from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin, resample_pos_embed
 from ..reversible import ReversibleBlock, ReversibleStack
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 
@@ -40,6 +42,7 @@ class RevViTConfig:
     drop_rate: float = 0.0  # dropout before the classifier
     drop_path_rate: float = 0.0  # linearly increasing over depth, one per-sample mask per block
     global_pool: str = "avg"
+    dynamic_img_size: bool = False  # take any size patch_size divides; pos_embed resampled to its grid
 
 
 class RevViT(TokenClassifierMixin, nn.Module):
@@ -54,7 +57,8 @@ class RevViT(TokenClassifierMixin, nn.Module):
         self.embed_dim = cfg.embed_dim
         self.num_features = self.head_hidden_size = 2 * cfg.embed_dim
 
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                      dynamic_img_size=cfg.dynamic_img_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches, cfg.embed_dim))
         rates = drop_path_schedule(cfg.drop_path_rate, cfg.depth)
         self.stack = ReversibleStack([
@@ -91,9 +95,15 @@ class RevViT(TokenClassifierMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed"}
 
+    def _embed(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Images -> tokens with position embeddings (resampled to the input's grid), and the grid."""
+        grid = self.patch_embed.grid_of(x)
+        x = self.patch_embed(x)
+        return x + resample_pos_embed(self.pos_embed, self.patch_embed.grid_size, grid), grid
+
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
-        x = self.patch_embed(x) + self.pos_embed
+        x, _ = self._embed(x)
         y1, y2 = self.stack(x, x)
         return self.norm(torch.cat([y1, y2], dim=-1))
 
@@ -108,7 +118,8 @@ class RevViT(TokenClassifierMixin, nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.stack), indices)
         stop = max_index + 1 if (stop_early or intermediates_only) else len(self.stack)
-        x1 = x2 = self.patch_embed(x) + self.pos_embed
+        x1, (h, w) = self._embed(x)
+        x2 = x1
         maps, start = [], 0
         for index in sorted(take):  # a segment ends at every taken block
             x1, x2 = self.stack(x1, x2, start, index + 1)
@@ -118,7 +129,6 @@ class RevViT(TokenClassifierMixin, nn.Module):
         if start < stop:
             x1, x2 = self.stack(x1, x2, start, stop)
         if output_fmt == "NCHW":
-            h, w = self.patch_embed.grid_size
             maps = [y.transpose(1, 2).reshape(y.shape[0], -1, h, w) for y in maps]
         if intermediates_only:
             return maps
