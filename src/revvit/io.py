@@ -68,6 +68,9 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Any], None]) -> None:
     if not os.path.isdir(folder):
         raise CheckpointError(str(path), f"the folder {folder!r} does not exist", "Create it first.")
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=TEMP_SUFFIX)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file, readable as usual
     f = None
     try:
         with os.fdopen(fd, "wb") as raw:

@@ -122,12 +122,24 @@ def max_batch(model: nn.Module, sample_shape: Sequence[int], budget: int, device
     ok, peak = fits(1)
     if not ok:
         return 0, peak
-    lo, lo_peak, hi = 1, peak, 2
-    while hi <= limit:
-        ok, peak = fits(hi)
-        if not ok:
-            break
-        lo, lo_peak, hi = hi, peak, hi * 2
+    lo, lo_peak = 1, peak
+    ok, peak2 = fits(2)
+    if not ok:
+        return lo, lo_peak
+    lo, lo_peak = 2, peak2
+    # memory is close to linear in the batch: start from the extrapolated answer, then bracket it
+    per_sample = max(peak2 - peak, 1)
+    guess = max(3, min(limit, int(2 + (budget - peak2) / per_sample)))
+    ok, peak = fits(guess)
+    if ok:
+        lo, lo_peak, hi = guess, peak, guess + max(1, guess // 8)
+        while hi <= limit:
+            ok, peak = fits(hi)
+            if not ok:
+                break
+            lo, lo_peak, hi = hi, peak, hi + max(1, hi // 4)
+    else:
+        hi = guess
     hi = min(hi, limit + 1)
     while hi - lo > 1:  # lo fits, hi does not (or is past the limit)
         mid = (lo + hi) // 2
@@ -160,24 +172,38 @@ def budget_table(methods: Sequence[Method], sample_shape: Sequence[int], budget:
         found.append((m, batch, peak))
         del model
         _release(device)
-    runs = {}
-    for m, batch, _ in found:
-        if batch:
-            model = m.build().to(device).train()
-            runs[m.label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-6),
-                             torch.randn(batch, *sample_shape, device=device), [])
-    for i in range(warmup + steps):
-        for model, optimizer, x, times in runs.values():
-            seconds = _timed_steps(model, optimizer, x)
-            if i >= warmup:
-                times.append(seconds)
+    try:
+        times = _time_methods(found, sample_shape, device, steps, warmup, together=True)
+    except torch.cuda.OutOfMemoryError:  # each batch was sized to run alone: time them one at a time
+        _release(device)
+        times = _time_methods(found, sample_shape, device, steps, warmup, together=False)
     rows = []
     for m, batch, peak in found:
-        rate = batch / statistics.median(runs[m.label][3]) if batch else 0.0
+        rate = batch / statistics.median(times[m.label]) if batch else 0.0
         rows.append(BudgetRow(m.label, depth, batch, peak, rate))
-    runs.clear()
-    _release(device)
     return rows
+
+
+def _time_methods(found, sample_shape, device, steps: int, warmup: int, together: bool) -> dict[str, list[float]]:
+    """Seconds per step of each method at its batch: interleaved round-robin when all fit at once
+    (`together`, drift hits them alike), else one method after another."""
+    groups = [[f for f in found if f[1]]] if together else [[f] for f in found if f[1]]
+    times: dict[str, list[float]] = {}
+    for group in groups:
+        runs = {}
+        for m, batch, _ in group:
+            model = m.build().to(device).train()
+            runs[m.label] = (model, torch.optim.AdamW(model.parameters(), lr=1e-6),
+                             torch.randn(batch, *sample_shape, device=device))
+            times[m.label] = []
+        for i in range(warmup + steps):
+            for label, (model, optimizer, x) in runs.items():
+                seconds = _timed_steps(model, optimizer, x)
+                if i >= warmup:
+                    times[label].append(seconds)
+        runs.clear()
+        _release(device)
+    return times
 
 
 def depth_sweep(methods_at: Callable[[int], Sequence[Method]], depths: Sequence[int], sample_shape: Sequence[int],
@@ -203,14 +229,15 @@ def budget_sweep(family: str, size: str, depths: Sequence[int], img_size: int, b
 def format_budget_table(rows: Sequence[BudgetRow], budget: int, device: torch.device) -> str:
     """Markdown: per depth and method, the largest batch, its peak memory and images/s, vs autograd."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    unit, scale = ("GiB", 2**30) if budget >= 2**30 else ("MiB", 2**20)
     lines = [f"budget {budget / 2**30:.2f} GiB on {name}, torch {torch.__version__}",
-             "| depth | method | max batch | batch vs autograd | peak GiB | images/s | images/s vs autograd |",
+             f"| depth | method | max batch | batch vs autograd | peak {unit} | images/s | images/s vs autograd |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = next((x for x in rows if x.depth == r.depth and x.label == "autograd"), r)
         batch_ratio = f"{r.max_batch / ref.max_batch:.2f}x" if ref.max_batch else "-"
         rate_ratio = f"{r.images_per_s / ref.images_per_s:.2f}x" if ref.images_per_s else "-"
-        lines.append(f"| {r.depth} | {r.label} | {r.max_batch} | {batch_ratio} | {r.peak_bytes / 2**30:.2f} "
+        lines.append(f"| {r.depth} | {r.label} | {r.max_batch} | {batch_ratio} | {r.peak_bytes / scale:.2f} "
                      f"| {r.images_per_s:.1f} | {rate_ratio} |")
     return "\n".join(lines)
 

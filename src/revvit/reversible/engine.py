@@ -189,7 +189,7 @@ class _Tape:
         self.top = -1
         self.parallel = parallel
         self.pending: dict[int, tuple[Tensor, Tensor, Optional[torch.cuda.Event]]] = {}
-        self._side: Optional[list[torch.cuda.Stream]] = None
+        self.on_side_stream = False  # the coupling being walked back was recomputed on a side stream
 
     # forward
     def couple(self, fn: nn.Module, target: int, mask: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
@@ -223,10 +223,12 @@ class _Tape:
     def recomputation(self, index: int) -> tuple[Tensor, Tensor]:
         """(b, DropPath(fn(b))) of coupling `index` with a graph from the leaf b: started earlier on a side
         stream ("parallel"), or computed now."""
+        self.on_side_stream = False
         if index in self.pending:
             b, out, ready = self.pending.pop(index)
             if ready is not None:
                 torch.cuda.current_stream(b.device).wait_event(ready)  # a stream waits; the host does not
+                self.on_side_stream = True
             return b, out
         r = self.records[index]
         b = self.streams[1 - r.target].detach().requires_grad_(True)
@@ -257,9 +259,7 @@ class _Tape:
             with torch.enable_grad():
                 self.pending[index] = (b, r.recompute(b), None)
             return
-        if self._side is None:
-            self._side = [torch.cuda.Stream(source.device), torch.cuda.Stream(source.device)]
-        main, side = torch.cuda.current_stream(source.device), self._side[index % 2]
+        main, side = torch.cuda.current_stream(source.device), _side_streams(source.device)[index % 2]
         side.wait_stream(main)  # the streams were rebuilt on the main stream
         with torch.cuda.stream(side), torch.enable_grad():
             b = source.detach().requires_grad_(True)
@@ -269,6 +269,16 @@ class _Tape:
         source.record_stream(side)  # freed on the host while the side stream may still read it
         out.record_stream(main)  # made on the side stream, read on the main one by the rebuild
         self.pending[index] = (b, out, ready)
+
+
+_SIDE_STREAMS: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
+
+
+def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    """The two side streams of "parallel" on `device`, made once and owned by the engine."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _SIDE_STREAMS[device]
 
 
 @dataclass
@@ -315,6 +325,11 @@ class _CouplingFunction(torch.autograd.Function):
             tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
         # back-propagate: d b += (d fn/d b)^T d out (dY1 in (5), dX2 in (6)); d W_fn = (d fn/d W)^T d out
         d_b, *d_params = torch.autograd.grad(fn_b, [b, *ctx.params], d_out, allow_unused=True)
+        if tape.on_side_stream:  # made by backward ops on the side stream, used from here on the caller's
+            main = torch.cuda.current_stream(d_b.device)
+            for g in (d_b, *d_params):
+                if g is not None:
+                    g.record_stream(main)
         # the target stream's gradient passes unchanged (dX1 = dY1, dX2's identity part): autograd adds it
         return (d_out, d_b, None, None, *d_params)
 

@@ -133,21 +133,21 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
                                            data.num_frames if data.kind == "video" else None)
     if cfg.pretrained and not (resume and ckpt.list_checkpoints(out_dir)):  # a resumed run has its own weights
         load_pretrained(model, cfg.pretrained, log=say)
+    data.train = data_common.EpochSeeded(data.train, cfg.seed)  # augmentation independent of the workers
+    sampler = train_sampler(cfg, data.train, d)
+    steps_per_epoch = len(sampler) // per_rank
+    if cfg.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
+    if steps_per_epoch < 1:  # before the folder exists: a failed start leaves nothing behind
+        raise TrainError(f"{len(data.train)} training samples give no full batch of {per_rank} per process: "
+                         "lower --batch-size")
     if d.is_main:
         ckpt.prepare_output_dir(out_dir, say)
-    data.train = data_common.EpochSeeded(data.train, cfg.seed)  # augmentation independent of the workers
     model.to(d.device)
     say(describe_run(cfg, data, sum(p.numel() for p in model.parameters()), str(d.device), d.world_size, out_dir))
     if d.is_main:
         save_config(cfg, out_dir / "config.yaml")
 
-    sampler = train_sampler(cfg, data.train, d)
-    steps_per_epoch = len(sampler) // per_rank
-    if cfg.steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.steps_per_epoch)
-    if steps_per_epoch < 1:
-        raise TrainError(f"{len(data.train)} training samples give no full batch of {per_rank} per process: "
-                         "lower --batch-size")
     optimizer = build_finetune_optimizer(model, cfg)
     mix = mixup_fn(cfg, data.num_classes)
     return Run(cfg=cfg, out_dir=out_dir, d=d, data=data, model=model, model_kwargs=model_kwargs,
@@ -167,6 +167,7 @@ def resume_or_seed(run: Run, resume: bool) -> None:
     found = ckpt.load_latest(run.out_dir, log=run.say)
     if found is None:
         run.say(f"no checkpoint in {run.out_dir}: starting from scratch")
+        random_seed(run.cfg.seed, run.d.rank)  # as a fresh run
         return
     path, state = found
     changed = check_resume(state["config"], run.cfg, run.out_dir)  # refuses another model, data, input, batch
@@ -379,6 +380,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callab
     t_start = time.perf_counter()
     d = init_distributed(cfg.device)
     saved_threads, saved_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    run = None
     try:
         run = setup(cfg, Path(out_dir), d, resume, t_start)
         resume_or_seed(run, resume)
@@ -387,9 +389,11 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callab
         while run.state.epoch < cfg.epochs:
             train_one_epoch(run, epoch_loader(run, loader_gen))
             end_epoch(run)
-        run.logger.close()
+        run.logger.close()  # before the summary is printed; closing again below is harmless
         return finish(run)
     finally:
+        if run is not None and getattr(run, "logger", None) is not None:
+            run.logger.close()  # flushed also after a stop (divergence, Ctrl-C); closing twice is harmless
         torch.set_num_threads(saved_threads)
         torch.use_deterministic_algorithms(saved_det)
         shutdown()
