@@ -329,3 +329,20 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     assert any(not torch.equal(start[k], one[k]) for k in one)  # training moved the weights
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_batch_larger_than_the_data_is_refused_before_the_output_folder_exists(tmp_path):
+    with pytest.raises(TrainError, match="no full batch"):
+        fit(tiny("batch_size=5000", "epochs=1"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_files_written_atomically_are_ordinary_files_readable_by_others(tmp_path):
+    from revvit.io import atomic_write
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "f.json", lambda f: f.write(b"{}"))
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
