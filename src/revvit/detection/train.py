@@ -330,7 +330,7 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
         last = epoch + 1 == epochs or step >= total
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             result = evaluate_detector(det, val_ds, per_rank, device, cfg.amp, cfg.workers)
-            row.update(bbox_AP=result.metrics["bbox"]["AP"], segm_AP=result.metrics["segm"]["AP"])
+            row.update(bbox_AP=float(result.metrics["bbox"]["AP"]), segm_AP=float(result.metrics["segm"]["AP"]))
             if last:
                 say(result.summary.rstrip())
         history.append(row)
