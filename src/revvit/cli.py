@@ -327,7 +327,8 @@ Without --data: builds the digits COCO set under OUT/digits_coco and trains a ti
 key=value after the options (YAML-typed; backbone_kwargs.NAME=VALUE sets one backbone option); flags win
 over key=value, which wins over --config (configs/detection/*.yaml), which wins over the defaults.
 --batch-size is the global batch (all torchrun processes together). --resume continues exactly from the
-newest good checkpoint in --output.
+newest good checkpoint in --output (another data set, batch or detector is refused); an --output that holds
+checkpoints is refused without --resume.
 """
 
 

@@ -206,8 +206,8 @@ def _write_records(out: Path, history: list[dict]) -> None:
 def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = False,
                    log: Callable[[str], None] = print) -> dict:
     """Train a Mask R-CNN as `cfg` says, writing everything under `out`; returns the last history row (with
-    bbox_AP and segm_AP). Raises DetectionDataError / DetectionConfigError / CheckpointError for what a user
-    can fix."""
+    bbox_AP and segm_AP). Raises DetectionDataError / DetectionConfigError / CheckpointError / TrainError (an
+    unusable `out`) for what a user can fix; `out` is created only once data, backbone and resume check out."""
     cfg = cfg.check()
     out = Path(out)
     rank, world = _dist()
