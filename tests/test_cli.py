@@ -182,3 +182,33 @@ def test_default_demo_reaches_95_percent_in_3_minutes(tmp_path):
     summary = json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())
     assert summary["val_top1"] >= 95 and wall < 180
     assert "reversible" in run.stdout and "autograd" in run.stdout and "KB/image" in run.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--family", "detection", "--budget", "1GB"], "--budget do not apply"),
+    (["--family", "detection", "--depths", "12"], "--depths do not apply"),
+    (["--plot", "x.png"], "--plot draws the --budget depth sweep"),
+    (["--family", "mvit-video", "--budget", "1GB"], "use --family vit or mvit"),
+    (["--family", "mvit", "--depths", "12"], "--depths applies to --family vit"),
+])
+def test_bench_refuses_options_that_do_not_apply(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_bench_budget_keeps_explicit_depths(monkeypatch, capsys):
+    import revvit.bench.scaling as scaling
+
+    seen = []
+    monkeypatch.setattr(scaling, "budget_sweep", lambda family, size, depths, *a, **kw: seen.append(depths) or [])
+    monkeypatch.setattr(scaling, "format_budget_table", lambda *a: "")
+    assert main(["bench", "--budget", "1GB", "--depths", "12,24", "--device", "cpu"]) == 0
+    assert main(["bench", "--budget", "1GB", "--device", "cpu"]) == 0
+    assert seen == [[12, 24], [12, 24, 48, 96]]
+
+
+def test_help_of_bench_names_detection(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "detection: Mask R-CNN" in " ".join(capsys.readouterr().out.split())

@@ -126,3 +126,57 @@ def test_bad_config_key_is_one_line(tmp_path, capsys):
     assert main(["detect", "train", "--output", str(tmp_path), "lrr=0.1"]) == 1
     err = capsys.readouterr().err
     assert "unknown key(s) ['lrr']" in err and len(err.strip().splitlines()) == 1
+
+
+def _one_error(capsys, argv):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("revvit detect train: error: "), err
+    return err
+
+
+def test_used_output_needs_resume_and_resume_refuses_other_batch_or_data(digits, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["detect", "train", "--data", str(digits), "--output", str(out), "--batch-size", "4", "max_iters=1", *TINY]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert "already holds checkpoints: pass --resume" in _one_error(capsys, args)
+    err = _one_error(capsys, [*args, "--resume", "--batch-size", "2"])
+    assert "cannot resume" in err and "batch_size: the run has 4, asked 2" in err
+    other = make_digits_coco(tmp_path / "other", num_train=4, num_val=2, canvas=32, digit_size=(10, 16))
+    assert "data: the run has" in _one_error(capsys, [*args, "--resume", "--data", str(other)])
+    assert "backbone_kwargs" in _one_error(capsys, [*args, "--resume", "backbone_kwargs.embed_dim=16"])
+
+
+def test_resume_reads_checkpoints_with_weights_only(digits, tmp_path, monkeypatch):
+    import torch
+
+    out = tmp_path / "run"
+    args = ["detect", "train", "--data", str(digits), "--output", str(out), "--batch-size", "4", "--epochs", "2",
+            *TINY]
+    assert main([*args, "max_iters=2"]) == 0
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real(*a, **kw))
+    assert main([*args, "--resume", "max_iters=3"]) == 0
+    assert calls == [True]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["digits={num_train: 3, num_val: 2, canvas: 32}"], "the train set has 3 images, fewer than batch_size 4"),
+    (["--backbone", "nonexistent_model"], "unknown backbone 'nonexistent_model'"),
+    (["digits.num_train=0"], "digits: need num_train"),
+    (["backbone_kwargs.no_such_option=1"], "no_such_option"),
+])
+def test_a_failed_start_is_one_line_and_leaves_no_folder(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    err = _one_error(capsys, ["detect", "train", "--output", str(out), "max_iters=1", *TINY, *extra])
+    assert message in err and not out.exists()
+
+
+def test_output_that_is_a_file_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert "is a file, not a folder" in _one_error(capsys, ["detect", "train", "--output", str(f)])
+    with pytest.raises(ValueError, match="unknown backbone"):
+        main(["detect", "train", "--debug", "--output", str(tmp_path / "r"), "--backbone", "nonexistent_model"])

@@ -325,3 +325,25 @@ def test_an_unreadable_video_in_both_lists_is_said_and_listed_once(tmp_path, cap
     assert json.loads((out / "summary.json").read_text())["skipped_files"] == [str(root / "videos" / "bad.mp4")]
 
 
+
+
+def test_a_transform_error_is_one_line_also_from_a_dataloader_worker(capsys):
+    from revvit.cli import _command
+    from revvit.data.common import TransformError
+
+    def fails(args):
+        raise TransformError("RandomResizedCrop failed on a.png: bad scale\nsecond line")
+
+    def fails_in_worker(args):
+        raise TransformError("Caught TransformError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                             "call last):\n  File \"x.py\", line 1, in f\nrevvit.data.common.TransformError: "
+                             "RandomResizedCrop failed on a.png: bad scale\nsecond line\n")
+
+    class Args:
+        command, debug = "train", False
+
+    for handler in (fails, fails_in_worker):
+        assert _command(handler)(Args()) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("revvit train: error: RandomResizedCrop failed on a.png: bad scale"), err
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and "worker" not in err

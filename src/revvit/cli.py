@@ -65,30 +65,47 @@ def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _worker_message(e: BaseException) -> str:
+    """The message of an error, or, when a DataLoader worker re-raised it (its text then is "Caught X in
+    DataLoader worker process N." and the worker's traceback), the first line of the original message."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    marker = f"{type(e).__name__}: "
+    tail = text[text.rindex(marker) + len(marker):] if marker in text else text
+    return tail.strip().splitlines()[0] if tail.strip() else text.splitlines()[0]
+
+
 def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A subcommand's handler that prints an error as one line `revvit <cmd>: error: ...` (no traceback) and
     returns 1: the errors a user can fix (bad settings, data, files, a full disk) as their message, anything
     else with its type and a pointer to --debug. With --debug every error propagates with its traceback."""
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
+        from .data.common import TransformError
         from .io import CheckpointError  # the package is imported only once a command runs: `--help` stays fast
         from .train import ConfigError, TrainError
 
+        command = " ".join(filter(None, [args.command, getattr(args, "detect_command", None)]))
         try:
             return handler(args)
         except KeyboardInterrupt:
-            print(f"revvit {args.command}: interrupted", file=sys.stderr)
+            print(f"revvit {command}: interrupted", file=sys.stderr)
             return 130
         except Exception as e:
             if getattr(args, "debug", False):
                 raise
             if isinstance(e, OSError):
                 text = _os_error(e)
-            elif isinstance(e, (ConfigError, TrainError, CheckpointError, ValueError)):
-                text = str(e)  # revvit's own errors and the data checks' ValueErrors say what to do
+            elif isinstance(e, TransformError):
+                text = _worker_message(e)
+            elif isinstance(e, (ConfigError, TrainError, CheckpointError, ValueError, FloatingPointError)):
+                # revvit's own errors (detection's DetectionConfigError and DetectionDataError are ValueErrors)
+                # and the data checks' ValueErrors say what to do
+                text = str(e)
             else:
                 text = f"{type(e).__name__}: {e} (unexpected: --debug shows the traceback)"
-            print(f"revvit {args.command}: error: {_one_line(text)}", file=sys.stderr)
+            print(f"revvit {command}: error: {_one_line(text)}", file=sys.stderr)
             return 1
 
     return run
@@ -199,11 +216,13 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="activation memory and step time: reversible vs autograd vs checkpointing")
     b.add_argument("--family", default="vit", choices=["vit", "mvit", "mvit-video", "detection"],
                    help="vit: Rev-ViT vs timm ViT (+checkpointing) at several depths; mvit: Rev-MViT-B vs "
-                        "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4 (default: vit)")
+                        "MViT-B; mvit-video: Rev-MViT-B 16x4 vs MViT-B 16x4; detection: Mask R-CNN memory per "
+                        "image, Rev-MViT reversible vs autograd vs MViT (--img-size, --batch-size) (default: vit)")
     b.add_argument("--size", default="small", choices=["tiny", "small", "base", "large"],
                    help="ViT size for --family vit (default: small, the paper's Rev-ViT-S)")
-    b.add_argument("--depths", type=_depths, default=[12, 24],
-                   help="comma-separated depths for --family vit (default: 12,24)")
+    b.add_argument("--depths", type=_depths, default=None,
+                   help="comma-separated depths for --family vit, or mvit with --budget (default: 12,24; "
+                        "with --budget 12,24,48,96)")
     b.add_argument("--batch-size", type=_positive, default=None, help="default: 4 (vit), 2 (mvit), 1 (mvit-video)")
     b.add_argument("--img-size", type=_positive, default=None, help="default: 224 (112 for mvit-video)")
     b.add_argument("--num-frames", type=_positive, default=8, help="clip length for mvit-video (default: 8)")
@@ -222,13 +241,18 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import format_table, run_benchmark
 
+    refused = _bench_refusal(args)
+    if refused:
+        print(f"revvit bench: error: {refused}", file=sys.stderr)
+        return 2
     if args.family == "detection":  # Mask R-CNN memory: see the detect section
         return _bench_detection(args)
     if args.budget is not None:
         return _bench_budget(args)
 
-    results = run_benchmark(family=args.family, size=args.size, depths=args.depths, batch_size=args.batch_size,
-                            img_size=args.img_size, num_frames=args.num_frames, steps=args.steps, device=args.device,
+    results = run_benchmark(family=args.family, size=args.size, depths=args.depths or [12, 24],
+                            batch_size=args.batch_size, img_size=args.img_size, num_frames=args.num_frames,
+                            steps=args.steps, device=args.device,
                             log=lambda msg: print(msg, flush=True))
     print(format_table(results))
     if args.json:
@@ -237,16 +261,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_refusal(args: argparse.Namespace) -> Optional[str]:
+    """Why these bench options do not go together (None: they do)."""
+    if args.plot and args.budget is None:
+        return "--plot draws the --budget depth sweep: give --budget too (e.g. --budget 16GB)"
+    if args.family == "detection":
+        given = [flag for flag, value in (("--budget", args.budget), ("--plot", args.plot), ("--depths", args.depths))
+                 if value is not None]
+        if given:
+            return f"--family detection measures one Mask R-CNN per backbone: {', '.join(given)} do not apply"
+    if args.budget is not None and args.family not in ("vit", "mvit"):
+        return f"--budget compares image models: use --family vit or mvit, not {args.family}"
+    if args.depths is not None and not (args.family == "vit" or (args.family == "mvit" and args.budget is not None)):
+        return f"--depths applies to --family vit (and mvit with --budget), not {args.family}"
+    return None
+
+
 def _bench_budget(args: argparse.Namespace) -> int:
     import torch
 
     from .bench.scaling import budget_sweep, format_budget_table, plot_depth_sweep
 
-    if args.family not in ("vit", "mvit"):
-        print(f"revvit bench: error: --budget compares image models: use --family vit or mvit, not {args.family}",
-              file=sys.stderr)
-        return 2
-    depths = args.depths if args.depths != [12, 24] else [12, 24, 48, 96]
+    depths = args.depths or [12, 24, 48, 96]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rows = budget_sweep(args.family, args.size, depths, args.img_size or 224, args.budget, device, args.steps,
                         log=lambda msg: print(msg, flush=True))
@@ -291,7 +327,8 @@ Without --data: builds the digits COCO set under OUT/digits_coco and trains a ti
 key=value after the options (YAML-typed; backbone_kwargs.NAME=VALUE sets one backbone option); flags win
 over key=value, which wins over --config (configs/detection/*.yaml), which wins over the defaults.
 --batch-size is the global batch (all torchrun processes together). --resume continues exactly from the
-newest good checkpoint in --output.
+newest good checkpoint in --output (another data set, batch or detector is refused); an --output that holds
+checkpoints is refused without --resume.
 """
 
 
@@ -336,28 +373,7 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_detect_eval)
 
 
-def _detect_command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A detect handler that prints what a user can fix on one line (no traceback) and returns 1."""
-    @functools.wraps(handler)
-    def run(args: argparse.Namespace) -> int:
-        from .detection import DetectionDataError
-        from .detection.config import DetectionConfigError
-        from .io import CheckpointError
-
-        try:
-            return handler(args)
-        except (DetectionDataError, DetectionConfigError, CheckpointError, FileNotFoundError,
-                FloatingPointError) as e:
-            print(f"revvit detect {args.detect_command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print(f"revvit detect {args.detect_command}: interrupted", file=sys.stderr)
-            return 130
-
-    return run
-
-
-@_detect_command
+@_command
 def _detect_train(args: argparse.Namespace) -> int:
     from .detection.config import apply_detection_overrides, load_detection_config
     from .detection.train import train_detector
@@ -374,7 +390,7 @@ def _detect_train(args: argparse.Namespace) -> int:
     return 0
 
 
-@_detect_command
+@_command
 def _detect_eval(args: argparse.Namespace) -> int:
     import torch
 

@@ -20,6 +20,8 @@ import json
 import os
 import random
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -32,8 +34,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..io import CheckpointError, atomic_write
+from ..train.checkpoint import check_output_dir, rng_state, set_rng_state
 from .coco import CocoDetection, detection_collate
-from .config import DetectionConfig
+from .config import DetectionConfig, DetectionConfigError
 from .digits_coco import make_digits_coco
 from .evaluate import CocoEvalResult, coco_evaluate
 from .model import create_detector, detector_options, save_detector
@@ -69,12 +72,19 @@ def _device(cfg: DetectionConfig, rank: int) -> torch.device:
     return torch.device(cfg.device)
 
 
-def _datasets(cfg: DetectionConfig, out: Path, rank: int) -> tuple[CocoDetection, CocoDetection]:
+def _datasets(cfg: DetectionConfig, digits_root: Path, rank: int) -> tuple[CocoDetection, CocoDetection]:
     root = cfg.data
-    if root is None:  # the embedded default: built once (by rank 0) under OUT
-        root = out / "digits_coco"
+    if root is None:  # the embedded default: built once (by rank 0) at digits_root
+        root = digits_root
         if rank == 0:
-            make_digits_coco(root, **cfg.digits)
+            try:
+                make_digits_coco(root, **cfg.digits)
+            except TypeError as e:  # an unknown digits.NAME key
+                raise DetectionConfigError(f"digits: {e}") from None
+            except ValueError as e:
+                if type(e) is not ValueError:  # DetectionDataError: says itself what is wrong
+                    raise
+                raise DetectionConfigError(f"digits: {e}") from None
         if dist.is_initialized():
             dist.barrier()
     train_tf = detection_train_transform(hflip=cfg.hflip, lsj_size=cfg.lsj_size, lsj_scale=tuple(cfg.lsj_scale))
@@ -111,33 +121,48 @@ def evaluate_detector(det: nn.Module, dataset: CocoDetection, batch_size: int = 
 
 # -- checkpoints and records ---------------------------------------------------------------------------
 
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _checkpoints(out: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in (out / "checkpoints").glob("ckpt_*.pt") if (m := _CKPT.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
 
 
 def _load_latest(out: Path, log: Callable[[str], None]) -> Optional[dict]:
-    for path in _checkpoints(out):
+    """The newest checkpoint that loads (weights_only: a file holding pickled code is refused, never run);
+    None when there is none; CheckpointError when there are some but none loads."""
+    found = _checkpoints(out)
+    for path in found:
         try:
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001  (a damaged file: named and skipped, the next one is tried)
             log(f"skipping unreadable checkpoint {path} ({type(e).__name__})")
+    if found:
+        raise CheckpointError(out / "checkpoints", f"none of its {len(found)} checkpoint(s) loads (damaged, or "
+                              "written by an older revvit)", "Start a new run in another --output.")
     return None
+
+
+# the settings a resumed run cannot change: its data, its batch, its detector
+RESUME_FIXED = ("data", "digits", "batch_size", "backbone", "backbone_kwargs", "out_channels", "anchor_sizes",
+                "box_head_dim", "mask_head_dim", "detector_kwargs", "min_size", "max_size")
+
+
+def _same_data(a, b) -> bool:
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
+def check_resume(saved: dict, cfg: DetectionConfig, out: Path) -> None:
+    """DetectionConfigError when `cfg` changes a setting of the run's `saved` config that cannot change."""
+    changed = [k for k in RESUME_FIXED if k in saved and
+               not (_same_data(saved[k], cfg.data) if k == "data" else saved[k] == getattr(cfg, k))]
+    if changed:
+        detail = "; ".join(f"{k}: the run has {saved[k]!r}, asked {getattr(cfg, k)!r}" for k in changed)
+        raise DetectionConfigError(f"cannot resume {out} with other data, batch or detector ({detail}): resume with "
+                                   "the run's own settings (give only what changes, e.g. --epochs), or start a new "
+                                   "run in another --output")
 
 
 def _save_checkpoint(state: dict, out: Path, step: int, keep: int) -> None:
@@ -181,27 +206,59 @@ def _write_records(out: Path, history: list[dict]) -> None:
 def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = False,
                    log: Callable[[str], None] = print) -> dict:
     """Train a Mask R-CNN as `cfg` says, writing everything under `out`; returns the last history row (with
-    bbox_AP and segm_AP). Raises DetectionDataError / DetectionConfigError / CheckpointError for what a user
-    can fix."""
+    bbox_AP and segm_AP). Raises DetectionDataError / DetectionConfigError / CheckpointError / TrainError (an
+    unusable `out`) for what a user can fix; `out` is created only once data, backbone and resume check out."""
     cfg = cfg.check()
     out = Path(out)
     rank, world = _dist()
     main = rank == 0
     say = log if main else (lambda _msg: None)
     if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is the global batch: it must divide by the {world} processes")
+        raise DetectionConfigError(f"batch_size {cfg.batch_size} is the global batch: it must divide by the {world} "
+                                   "processes")
+    check_output_dir(out)  # nothing is created until data, backbone and resume are known to be good
+    ckpt = None
+    if _checkpoints(out):
+        if not resume:
+            raise DetectionConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                                       "or choose another --output")
+        ckpt = _load_latest(out, say)
+        check_resume(ckpt.get("config", {}), cfg, out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _device(cfg, rank)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    train_ds, val_ds = _datasets(cfg, out, rank)
-    det = create_detector(cfg.backbone, train_ds.categories.num_classes, min_size=tuple(cfg.min_size),
-                          max_size=cfg.max_size, pretrained=cfg.pretrained, out_channels=cfg.out_channels,
-                          anchor_sizes=cfg.anchor_sizes, box_head_dim=cfg.box_head_dim, mask_head_dim=cfg.mask_head_dim,
-                          backprop=cfg.backprop, detector_kwargs=cfg.detector_kwargs, **cfg.backbone_kwargs).to(device)
+    # the embedded digits set lives under OUT; a new OUT is created only after the set built, so it is first
+    # built in a temporary folder (one process only: under torchrun OUT is created first)
+    staged = None
+    digits_root = out / "digits_coco"
+    if cfg.data is None and not out.exists() and world == 1:
+        staged = Path(tempfile.mkdtemp(prefix="revvit-digits-"))
+        digits_root = staged / "digits_coco"
+    elif world > 1:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        train_ds, val_ds = _datasets(cfg, digits_root, rank)
+        if len(train_ds) < cfg.batch_size:
+            raise DetectionConfigError(f"the train set has {len(train_ds)} images, fewer than batch_size "
+                                       f"{cfg.batch_size}: lower batch_size (--batch-size) or use more images")
+        try:
+            det = create_detector(cfg.backbone, train_ds.categories.num_classes, min_size=tuple(cfg.min_size),
+                                  max_size=cfg.max_size, pretrained=cfg.pretrained, out_channels=cfg.out_channels,
+                                  anchor_sizes=cfg.anchor_sizes, box_head_dim=cfg.box_head_dim,
+                                  mask_head_dim=cfg.mask_head_dim, backprop=cfg.backprop,
+                                  detector_kwargs=cfg.detector_kwargs, **cfg.backbone_kwargs).to(device)
+        except TypeError as e:  # an option the backbone or detector does not take
+            raise DetectionConfigError(f"backbone {cfg.backbone!r}: {e}") from None
+        out.mkdir(parents=True, exist_ok=True)
+        if staged is not None:
+            shutil.move(str(digits_root), str(out / "digits_coco"))
+            train_ds, val_ds = _datasets(cfg, out / "digits_coco", rank)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     params = [p for p in det.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases, norms, position embeddings' 1-D kin: no decay
@@ -217,7 +274,6 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
     history: list[dict] = []
     start_epoch, step = 0, 0
     if resume:
-        ckpt = _load_latest(out, say)
         if ckpt is None:
             say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning")
         else:
@@ -228,7 +284,7 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
             opt.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-            _set_rng_state(ckpt["rng"])
+            set_rng_state(ckpt["rng"])
             say(f"resumed at epoch {start_epoch} (iteration {step})")
     if main:
         atomic_write(out / "config.yaml", lambda f: f.write(yaml.safe_dump(dataclasses.asdict(cfg)).encode()))
@@ -274,14 +330,14 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
         last = epoch + 1 == epochs or step >= total
         if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
             result = evaluate_detector(det, val_ds, per_rank, device, cfg.amp, cfg.workers)
-            row.update(bbox_AP=result.metrics["bbox"]["AP"], segm_AP=result.metrics["segm"]["AP"])
+            row.update(bbox_AP=float(result.metrics["bbox"]["AP"]), segm_AP=float(result.metrics["segm"]["AP"]))
             if last:
                 say(result.summary.rstrip())
         history.append(row)
         say(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if main:
             state = {"model": det.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
-                     "epoch": epoch + 1, "step": step, "history": history, "rng": _rng_state(),
+                     "epoch": epoch + 1, "step": step, "history": history, "rng": rng_state(),
                      "detector": detector_options(det), "config": dataclasses.asdict(cfg)}
             _save_checkpoint(state, out, step, cfg.keep_checkpoints)
             _write_records(out, history)
