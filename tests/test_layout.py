@@ -17,7 +17,7 @@ ALLOWED = {
     "data": {"io"},
     "interop": {"models", "layers", "reversible", "io"},
     "bench": {"models", "layers", "reversible", "io"},
-    "detection": {"data", "models", "layers", "reversible", "interop", "io"},
+    "detection": {"data", "models", "layers", "reversible", "interop", "train", "io"},  # train: checkpoint RNG state
     "train": {"data", "models", "layers", "reversible", "interop", "bench", "io"},
     "cli": {"train", "bench", "interop", "detection", "data", "models", "layers", "reversible", "io"},
 }

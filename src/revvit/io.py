@@ -27,7 +27,8 @@ class CheckpointError(ValueError):
         self.problem = problem
         self.hint = hint
         where = f"{self.path!r}: " if self.path is not None else ""
-        super().__init__(f"{where}{problem}" + (f"\n{hint}" if hint else ""))
+        joint = "\n" if problem.rstrip().endswith((".", ":", ";", "!", "?")) else ".\n"
+        super().__init__(f"{where}{problem}" + (f"{joint}{hint}" if hint else ""))
 
 
 def disk_full(path: os.PathLike | str) -> CheckpointError:
