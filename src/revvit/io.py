@@ -8,9 +8,10 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
-__all__ = ["CheckpointError", "atomic_write", "disk_full", "remove_stale_temps", "TEMP_SUFFIX"]
+__all__ = ["CheckpointError", "atomic_write", "disk_full", "remove_stale_temps", "plain_data", "TEMP_SUFFIX"]
 
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ".<final name>.<random>.tmp" beside the final file
 
@@ -111,3 +112,13 @@ def remove_stale_temps(folder: os.PathLike | str) -> list[str]:
             os.unlink(entry.path)
             removed.append(entry.name)
     return sorted(removed)
+
+
+def plain_data(value: Any) -> Any:
+    """Tuples and lists as lists, mappings as dicts with string keys, recursively: what JSON and YAML's safe
+    dumper write."""
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain_data(v) for k, v in value.items()}
+    return value

@@ -39,7 +39,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .. import __version__
-from ..io import CheckpointError, atomic_write
+from ..io import CheckpointError, atomic_write, plain_data
 from ..models import MViT, RevMViT, RevViT  # also registers the revvit models with timm
 from .slowfast import load_mapped, load_slowfast, load_slowfast_with_info
 
@@ -65,14 +65,6 @@ def _default_name(model: nn.Module) -> str:
     raise TypeError(f"revvit.save takes revvit models (RevViT, RevMViT, MViT), got {type(model).__name__}")
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value
-
-
 def _tuplify(value: Any) -> Any:
     """JSON lists back to the tuples the model configs use."""
     if isinstance(value, list):
@@ -92,7 +84,7 @@ def model_spec(model: nn.Module) -> tuple[str, dict]:
         kwargs["global_pool"] = model.global_pool
     pretrained_cfg = getattr(model, "pretrained_cfg", None) or {}
     name = pretrained_cfg.get("architecture") or _default_name(model)
-    return name, _jsonable(kwargs)
+    return name, plain_data(kwargs)
 
 
 # -- save / load ----------------------------------------------------------------------------------
@@ -105,7 +97,7 @@ def _encode(meta: Mapping[str, Any]) -> dict[str, str]:
         if isinstance(value, str):
             out[str(key)] = value
         else:
-            out[str(key)] = json.dumps(_jsonable(value), sort_keys=True)
+            out[str(key)] = json.dumps(plain_data(value), sort_keys=True)
             as_json.append(str(key))
     out[JSON_FIELDS] = json.dumps(sorted(as_json))
     return out

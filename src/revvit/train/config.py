@@ -26,6 +26,7 @@ from typing import Any, Optional
 import yaml
 
 from ..data import DataOptions
+from ..io import plain_data
 
 __all__ = ["TrainConfig", "ConfigError", "LR_REFERENCE_BATCH", "load_config", "apply_overrides", "DEFAULT_CONFIG",
            "DIGITS_VIDEO_CONFIG", "BUILTIN_DATA", "save_config", "read_config_file"]
@@ -286,15 +287,7 @@ def load_config(path: Optional[str | Path] = None, data: Optional[str] = None, m
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write `cfg` as a YAML recipe that `load_config(path)` (`revvit train --config`) reads back equal."""
     text = "# the effective config of this run: revvit train --config THIS_FILE reproduces it\n"
-    Path(path).write_text(text + yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    return value
+    Path(path).write_text(text + yaml.safe_dump(plain_data(cfg.to_dict()), sort_keys=False))
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
