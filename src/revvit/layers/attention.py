@@ -1,8 +1,36 @@
 """Global multi-head self-attention through `scaled_dot_product_attention`, and Rev-ViT's F branch."""
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def head_rows(part: int, parts: int, num_heads: int, head_dim: int) -> slice:
+    """The output rows of a q/k/v projection (and input columns of `proj`) of the `part`-th of `parts`
+    nearly equal groups of heads."""
+    if not 0 <= part < parts <= num_heads:
+        raise ValueError(f"part {part} of {parts} does not name a group of {num_heads} heads")
+    lo, hi = part * num_heads // parts, (part + 1) * num_heads // parts
+    return slice(lo * head_dim, hi * head_dim)
+
+
+def linear_rows(layers: list[nn.Linear], x: Tensor, rows: list[slice]) -> list[Tensor]:
+    """`[layer(x)[..., r] for layer, r in zip(layers, rows)]` as one matrix product over those weight rows
+    only (one product: its gradient w.r.t. x is made once, not once per layer)."""
+    weight = torch.cat([layer.weight[r] for layer, r in zip(layers, rows)])
+    bias: Optional[Tensor] = None
+    if layers[0].bias is not None:
+        bias = torch.cat([layer.bias[r] for layer, r in zip(layers, rows)])
+    return list(F.linear(x, weight, bias).split([r.stop - r.start for r in rows], dim=-1))
+
+
+def project_heads(proj: nn.Linear, x: Tensor, rows: slice) -> Tensor:
+    """The share of `proj`'s output that comes from the input columns `rows` (the bias goes with the
+    group that starts at column 0): summed over all groups it is `proj` of the concatenated heads."""
+    return F.linear(x, proj.weight[:, rows], proj.bias if rows.start == 0 else None)
 
 
 class Attention(nn.Module):
@@ -32,6 +60,17 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
 
+    def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
+        """The contribution of the `part`-th of `parts` groups of heads: the sum over all parts is
+        `forward(x)` (up to rounding), and each part only computes its own heads' q, k, v and attention."""
+        b, n, _ = x.shape
+        rows = head_rows(part, parts, self.num_heads, self.head_dim)
+        heads = (rows.stop - rows.start) // self.head_dim
+        q, k, v = (t.reshape(b, n, heads, self.head_dim).transpose(1, 2)
+                   for t in linear_rows([self.q, self.k, self.v], x, [rows] * 3))
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(project_heads(self.proj, x.transpose(1, 2).reshape(b, n, -1), rows))
+
 
 class AttentionBranch(nn.Module):
     """F of Rev-ViT: LayerNorm -> multi-head self-attention, (B, N, D) -> (B, N, D). No residual: the
@@ -42,5 +81,13 @@ class AttentionBranch(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
 
+    @property
+    def max_parts(self) -> int:
+        """F is a sum over its heads: the reversible engine may recompute it one group of heads at a time."""
+        return self.attn.num_heads
+
     def forward(self, x: Tensor) -> Tensor:
         return self.attn(self.norm(x))
+
+    def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
+        return self.attn.forward_part(self.norm(x), part, parts)

@@ -23,7 +23,9 @@ class Mlp(nn.Module):
 class MlpBranch(nn.Module):
     """G: LayerNorm -> Linear(D, rD) -> GELU -> Linear(rD, D), (B, N, D) -> (B, N, D). No residual: the
     reversible stream (or the stage transition) adds it. Keys `norm`, `mlp.fc1`, `mlp.fc2` follow the
-    official `G` sub-block."""
+    official `G` sub-block. Per token: the reversible engine may recompute it over slices of the tokens."""
+
+    token_wise = True
 
     def __init__(self, dim: int, mlp_ratio: float):
         super().__init__()

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from timm.layers import to_3tuple
 from torch import Tensor, nn
 
+from .attention import head_rows, linear_rows, project_heads
+
 Grid = tuple[int, int, int]
 
 
@@ -117,6 +119,24 @@ class PoolingAttention(nn.Module):
         x = x.transpose(1, 2).reshape(b, q.shape[2], self.dim_out)
         return self.proj_drop(self.proj(x)), grid_q
 
+    def forward_part(self, x: Tensor, grid: Grid, part: int, parts: int) -> Tensor:
+        """The `part`-th of `parts` groups of heads' share of `forward(x, grid)[0]` (the pooling convs and
+        norms act per head, so each group pools only its own heads); the shares sum to the whole."""
+        b, n, _ = x.shape
+        rows = head_rows(part, parts, self.num_heads, self.head_dim)
+        heads = (rows.stop - rows.start) // self.head_dim
+        if self.separate_qkv:
+            qkv = linear_rows([self.q, self.k, self.v], x, [rows] * 3)
+        else:
+            qkv = linear_rows([self.qkv] * 3, x, [slice(rows.start + i * self.dim_out, rows.stop + i * self.dim_out)
+                                                  for i in range(3)])
+        q, k, v = (t.reshape(b, n, heads, self.head_dim).transpose(1, 2) for t in qkv)
+        q, _ = _pool(q, self.pool_q, self.norm_q, grid)
+        k, _ = _pool(k, self.pool_k, self.norm_k, grid)
+        v, _ = _pool(v, self.pool_v, self.norm_v, grid)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(project_heads(self.proj, x.transpose(1, 2).reshape(b, q.shape[2], -1), rows))
+
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, q=(kernel {self.kernel_q}, stride {self.stride_q}), "
                 f"kv=(kernel {self.kernel_kv}, stride {self.stride_kv})")
@@ -137,5 +157,13 @@ class PoolingAttentionBranch(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = PoolingAttention(dim, dim_out, num_heads, **kwargs)
 
+    @property
+    def max_parts(self) -> int:
+        """F is a sum over its heads: the reversible engine may recompute it one group of heads at a time."""
+        return self.attn.num_heads
+
     def forward(self, x: Tensor, grid: Optional[Grid] = None) -> Tensor:
         return self.attn(self.norm(x), self.grid if grid is None else grid)[0]
+
+    def forward_part(self, x: Tensor, part: int, parts: int, grid: Optional[Grid] = None) -> Tensor:
+        return self.attn.forward_part(self.norm(x), self.grid if grid is None else grid, part, parts)

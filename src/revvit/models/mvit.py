@@ -235,6 +235,14 @@ class RevMViT(_MultiscaleBase):
                 stage.recompute = mode != "autograd"
         return self
 
+    def set_chunking(self, chunk_bytes: Optional[int] = None) -> "RevMViT":
+        """How finely "reversible" backprop recomputes F and G (see `ReversibleStack.set_chunking`):
+        None automatic, 0 off, or a budget in bytes for one piece's activations."""
+        for m in self.modules():
+            if isinstance(m, ReversibleStack):
+                m.set_chunking(chunk_bytes)
+        return self
+
     @property
     def backprop(self) -> str:
         return self.stages[0].backprop

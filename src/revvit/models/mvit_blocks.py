@@ -148,8 +148,18 @@ class _OnGrid:
     def parameters(self):
         return self.f.parameters()
 
+    def modules(self):
+        return self.f.modules()
+
+    @property
+    def max_parts(self) -> int:
+        return self.f.max_parts
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.f(x, self.grid)
+
+    def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
+        return self.f.forward_part(x, part, parts, self.grid)
 
 
 class GridBlock(ReversibleBlock):

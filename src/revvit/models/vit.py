@@ -81,6 +81,14 @@ class RevViT(TokenClassifierMixin, nn.Module):
         self.stack.set_backprop(mode)
         return self
 
+    def set_chunking(self, chunk_bytes: Optional[int] = None) -> "RevViT":
+        """How finely "reversible" backprop recomputes F and G (see `ReversibleStack.set_chunking`):
+        None automatic, 0 off, or a budget in bytes for one piece's activations."""
+        for m in self.modules():
+            if isinstance(m, ReversibleStack):
+                m.set_chunking(chunk_bytes)
+        return self
+
     @property
     def backprop(self) -> str:
         return self.stack.backprop

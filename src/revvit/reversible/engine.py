@@ -55,13 +55,25 @@ CUDA streams, PaReprop's schedule; on CPU it runs in order and is identical to "
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from . import pieces as chunks
+from .replay import (
+    AutocastState,
+    RNGState,
+    backprop,
+    gradient_nodes,
+    is_stochastic,
+    outer_accumulates,
+    parameters_swapped,
+    stand_ins,
+)
 
 __all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph"]
 
@@ -97,8 +109,14 @@ class ReversibleBlock(nn.Module):
         shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         return x.new_empty(shape).bernoulli_(keep).div_(keep)
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """Plain (1) and (2) under ordinary autograd."""
+    def forward(self, x1: Tensor, x2: Optional[Tensor] = None, *, run=None):
+        """Plain (1) and (2) under ordinary autograd.
+
+        `run`: the reversible engine calls one of F, G (or a chunk of it) as `block(x, run=call)` when the
+        block carries hooks of its own (FSDP2's `fully_shard`): the call then happens inside the block's
+        hooks, which gather the parameters and, in backward, reduce-scatter their gradients."""
+        if run is not None:
+            return run(x1)
         streams, mask = [x1, x2], self.sample_mask(x1)
         for fn, t in self.couplings():
             streams[t] = streams[t] + _drop(fn(streams[1 - t]), mask)
@@ -113,19 +131,39 @@ class ReversibleStack(nn.Module):
 
     In "reversible" and "parallel" mode with autograd recording, the blocks' activations are not kept:
     peak memory in the backward is the stack's input and output plus one F or G recomputation (two in
-    "parallel"), whatever the depth. In "autograd" mode the blocks run under ordinary autograd. Without
-    grad recording every mode runs the same plain forward.
+    "parallel"), whatever the depth. In "reversible" mode that recomputation is further split into
+    pieces when F or G allows it (see `set_chunking`), so at most one piece's activations are alive.
+    In "autograd" mode the blocks run under ordinary autograd. Without grad recording every mode runs
+    the same plain forward.
     """
 
     def __init__(self, blocks: Sequence[ReversibleBlock]):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.backprop = "reversible"
+        self.chunk_bytes: Optional[int] = None
 
     def set_backprop(self, mode: str) -> None:
         if mode not in BACKPROP_MODES:
             raise ValueError(f"backprop mode must be one of {BACKPROP_MODES}, got {mode!r}")
         self.backprop = mode
+
+    def set_chunking(self, chunk_bytes: Optional[int] = None) -> None:
+        """How "reversible" mode splits the recomputation of F and G in backward.
+
+        A function that is per-token (`fn.token_wise = True`, e.g. an MLP) is recomputed and
+        back-propagated over slices of the tokens; one that is a sum of parts (`fn.max_parts > 1` and
+        `fn.forward_part(x, k, n)`, e.g. attention over groups of heads) one part at a time. Each piece's
+        activations are estimated as 16x its share of the input, and pieces are made so that this stays
+        under `chunk_bytes`. None (default): automatic, four pieces (of about four streams' size each), and
+        no splitting when a whole recomputation is below 16 MiB (it would only cost time). 0: never split.
+        Functions that draw random numbers (dropout) are never split. The forward computes in the same
+        pieces. The gradients are the same either way (up to rounding).
+        """
+        if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                        or chunk_bytes < 0):
+            raise ValueError(f"chunk_bytes must be None (automatic), 0 (off) or a number of bytes, got {chunk_bytes!r}")
+        self.chunk_bytes = chunk_bytes
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -139,14 +177,7 @@ class ReversibleStack(nn.Module):
             for block in blocks:
                 x1, x2 = block(x1, x2)
             return x1, x2
-        tape = _Tape(x1, x2, parallel=self.backprop == "parallel")
-        streams = [x1, x2]
-        for block in blocks:
-            mask = block.sample_mask(x1)  # one per-sample mask for F and G, drawn first as in block.forward
-            for fn, t in block.couplings():
-                streams[t] = tape.couple(fn, t, mask, streams[t], streams[1 - t])
-        tape.end_forward(streams)
-        return streams[0], streams[1]
+        return _run_reversible(blocks, x1, x2, self.backprop == "parallel", self.chunk_bytes)
 
     def _stream_precision(self, x: Tensor) -> Tensor:
         """Under autocast, a low-precision input (a bf16 stage transition's output) is raised to the
@@ -166,9 +197,32 @@ def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
                                         or any(p.requires_grad for p in module.parameters()))
 
 
+@torch.compiler.disable
+def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, parallel: bool,
+                    chunk_bytes: Optional[int]) -> tuple[Tensor, Tensor]:
+    """The reversible forward: every coupling through `_CouplingFunction`, recorded on one tape.
+
+    torch.compile does not trace into it (one graph break per stack, whatever its depth); F and G are
+    compiled on their own when the model asks for it (`compile_blocks` of the models)."""
+    tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
+    streams = [x1, x2]
+    for block in blocks:
+        mask = block.sample_mask(x1)  # one per-sample mask for F and G, drawn first as in block.forward
+        for fn, t in block.couplings():
+            streams[t] = tape.couple(block, fn, t, mask, streams[t], streams[1 - t])
+    tape.end_forward(streams)
+    return streams[0], streams[1]
+
+
 def _drop(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     """DropPath with a mask drawn beforehand (None: keep everything)."""
     return x if mask is None else x * mask
+
+
+def _through_hooks(block: nn.Module) -> bool:
+    """FSDP2-sharded blocks must be called (not bypassed) so that their hooks gather the parameters."""
+    fsdp = getattr(torch.distributed, "fsdp", None) if torch.distributed.is_available() else None
+    return fsdp is not None and isinstance(block, getattr(fsdp, "FSDPModule", ()))
 
 
 # -- one forward call's record ----------------------------------------------------------------------
@@ -178,26 +232,32 @@ class _Tape:
 
     `inputs`: the stack's two input streams (one tensor when both are the same, as in every revvit model).
     `records[i]`: coupling i as the forward ran it. `streams`: the two streams right after coupling `top`,
-    the last one not yet walked back (at first: the stack's output). `pending` ("parallel" only):
-    recomputations started early, by coupling index.
+    the last one not yet walked back (at first: the stack's output); in "reversible" mode the tape owns
+    them and rebuilds them in place. `pending` ("parallel" only): recomputations started early.
     """
 
-    def __init__(self, x1: Tensor, x2: Tensor, parallel: bool = False):
+    def __init__(self, x1: Tensor, x2: Tensor, parallel: bool = False, chunk_bytes: Optional[int] = None):
         self.inputs = [x1.detach(), x2.detach()]
         self.records: list[_Record] = []
         self.streams: list[Tensor] = []
         self.top = -1
         self.parallel = parallel
-        self.pending: dict[int, tuple[Tensor, Tensor, Optional[torch.cuda.Event]]] = {}
+        self.chunk_bytes = chunk_bytes
+        self.owns_streams = False
+        self.pending: dict[int, tuple[Tensor, Tensor, list[Tensor], Optional[torch.cuda.Event]]] = {}
         self.on_side_stream = False  # the coupling being walked back was recomputed on a side stream
+        self.plans: dict[int, tuple[Optional[list[bool]], dict[int, Tensor]]] = {}
 
     # forward
-    def couple(self, fn: nn.Module, target: int, mask: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
-        """Record a coupling (its random state taken just before fn runs) and apply it: a + DropPath(fn(b))."""
-        rng = _RNGState.capture(b.device) if fn.training else None
+    def couple(self, block: nn.Module, fn, target: int, mask: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
+        """Record a coupling (its random state taken just before fn runs, if fn is random at all) and apply
+        it: a + DropPath(fn(b))."""
+        rng = RNGState.capture(b.device) if is_stochastic(fn) else None
         first = all(r.target != target for r in self.records)
-        self.records.append(_Record(fn, target, first, mask, rng, _AutocastState.capture(b.device)))
+        self.records.append(_Record(block, fn, target, first, mask, rng, AutocastState.capture(b.device),
+                                    _through_hooks(block)))
         params = [p for p in fn.parameters() if p.requires_grad]
+        self.records[-1].gradient_nodes = gradient_nodes(params)
         return _CouplingFunction.apply(a, b, self, len(self.records) - 1, *params)
 
     def end_forward(self, streams: list[Tensor]) -> None:
@@ -212,37 +272,76 @@ class _Tape:
                 "reversible backward: this stack's activations were already rebuilt and released by an earlier "
                 "backward through the same graph. Reversible backprop walks each forward back once (no "
                 "retain_graph); use set_backprop('autograd') to backpropagate twice.")
+        if not self.owns_streams:  # the stack's output: copied only if someone else still holds it
+            self.streams = [s if chunks.sole_user(s) else s.clone() for s in self.streams]
+            self.owns_streams = True
         with torch.no_grad():
             while self.top > index:
                 r = self.records[self.top]
-                self.streams[r.target] = self.streams[r.target] - r.recompute(self.streams[1 - r.target])
+                self.streams[r.target] = self.streams[r.target] - r.call(self.streams[1 - r.target])[0]
                 self.pending.pop(self.top, None)
                 self.top -= 1
         return self.streams
 
-    def recomputation(self, index: int) -> tuple[Tensor, Tensor]:
-        """(b, DropPath(fn(b))) of coupling `index` with a graph from the leaf b: started earlier on a side
-        stream ("parallel"), or computed now."""
+    def gradient_plan(self, index: int) -> tuple[Optional[list[bool]], dict[int, Tensor]]:
+        """Where coupling `index`'s parameter gradients go: `accumulate` (None: handed back to
+        autograd.grad; else per parameter, into `.grad` or not at all) and the stand-ins that take them
+        into `.grad` in place (none for blocks behind hooks: FSDP2 gathers and reduces gradients itself)."""
+        if index not in self.plans:
+            r = self.records[index]
+            accumulate = outer_accumulates(r.gradient_nodes)
+            params = [p for p in r.fn.parameters() if p.requires_grad]
+            self.plans[index] = (accumulate, {} if r.through_hooks else stand_ins(params, accumulate))
+        return self.plans[index]
+
+    def end_gradients(self, index: int) -> None:
+        for alias in self.plans.pop(index, (None, {}))[1].values():
+            alias.grad = None  # the parameter keeps it
+
+    def pieces(self, index: int) -> list:
+        """How coupling `index` is computed: [None] (whole), token slices, or (part, parts) pairs."""
+        r = self.records[index]
+        if self.parallel or r.rng is not None or r.through_hooks or self.chunk_bytes == 0:
+            return [None]
+        return chunks.pieces(r.fn, self.streams[1 - r.target], self.chunk_bytes)
+
+    def recompute_piece(self, index: int, piece) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """(leaf, DropPath(fn(leaf)) or its piece, fn's parameters as the call saw them), with a graph from
+        the leaf: started earlier on a side stream ("parallel"), or computed now."""
         self.on_side_stream = False
         if index in self.pending:
-            b, out, ready = self.pending.pop(index)
+            leaf, out, params, ready = self.pending.pop(index)
             if ready is not None:
-                torch.cuda.current_stream(b.device).wait_event(ready)  # a stream waits; the host does not
+                torch.cuda.current_stream(leaf.device).wait_event(ready)  # a stream waits; the host does not
                 self.on_side_stream = True
-            return b, out
+            return leaf, out, params
         r = self.records[index]
-        b = self.streams[1 - r.target].detach().requires_grad_(True)
+        b = self.streams[1 - r.target]
+        leaf = (b if not isinstance(piece, slice) else b[:, piece]).detach().requires_grad_(True)
         with torch.enable_grad():
-            return b, r.recompute(b)
+            out, params = r.call(leaf, piece if isinstance(piece, tuple) else None, swap=self.gradient_plan(index)[1])
+        return leaf, out, params
 
-    def rebuild_input(self, index: int, fn_b: Tensor) -> None:
-        """Set the streams to what they were before coupling `index`: equation (3) or (4)."""
+    def rebuild_input(self, index: int, piece, fn_b: Tensor) -> None:
+        """Take (the piece of) this coupling's output back to its input: equation (3) or (4), in place on
+        the tape's own stream in "reversible" mode. The first coupling of a stream takes the kept input."""
         r = self.records[index]
-        with torch.no_grad():
-            if r.first_of_its_stream:
+        if r.first_of_its_stream:
+            if piece is None:
                 self.streams[r.target] = self.inputs[r.target]  # kept: exact, not a reconstruction
-            else:
+            return  # pieces: see finish_rebuild
+        with torch.no_grad():
+            if self.parallel:
                 self.streams[r.target] = self.streams[r.target] - fn_b  # X = Y - DropPath(fn(...))
+            elif isinstance(piece, slice):
+                self.streams[r.target][:, piece].sub_(fn_b)
+            else:
+                self.streams[r.target].sub_(fn_b)
+
+    def finish_rebuild(self, index: int) -> None:
+        r = self.records[index]
+        if r.first_of_its_stream:
+            self.streams[r.target] = self.inputs[r.target]  # kept: exact, not a reconstruction
         self.top = index - 1
 
     def prefetch(self, index: int) -> None:
@@ -255,20 +354,20 @@ class _Tape:
         r = self.records[index]
         source = self.streams[1 - r.target]
         if source.device.type != "cuda":
-            b = source.detach().requires_grad_(True)
+            leaf = source.detach().requires_grad_(True)
             with torch.enable_grad():
-                self.pending[index] = (b, r.recompute(b), None)
+                self.pending[index] = (leaf, *r.call(leaf, swap=self.gradient_plan(index)[1]), None)
             return
         main, side = torch.cuda.current_stream(source.device), _side_streams(source.device)[index % 2]
         side.wait_stream(main)  # the streams were rebuilt on the main stream
         with torch.cuda.stream(side), torch.enable_grad():
-            b = source.detach().requires_grad_(True)
-            out = r.recompute(b)
+            leaf = source.detach().requires_grad_(True)
+            out, params = r.call(leaf, swap=self.gradient_plan(index)[1])
             ready = torch.cuda.Event()
             ready.record(side)
         source.record_stream(side)  # freed on the host while the side stream may still read it
         out.record_stream(main)  # made on the side stream, read on the main one by the rebuild
-        self.pending[index] = (b, out, ready)
+        self.pending[index] = (leaf, out, params, ready)
 
 
 _SIDE_STREAMS: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
@@ -285,21 +384,38 @@ def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.S
 class _Record:
     """One coupling as the forward ran it: streams[target] += DropPath(fn(streams[1 - target]))."""
 
-    fn: nn.Module
+    block: nn.Module
+    fn: object  # F or G (an nn.Module, or a callable with `parameters()` and `training`)
     target: int
     first_of_its_stream: bool  # its input stream is the stack's input, kept on the tape
     mask: Optional[Tensor]
-    rng: Optional[_RNGState]
-    autocast: _AutocastState
+    rng: Optional[RNGState]  # None: fn draws no random numbers
+    autocast: AutocastState
+    through_hooks: bool  # call fn inside `block(x, run=...)` (FSDP2)
+    gradient_nodes: list = field(default_factory=list)  # where autograd accumulates each parameter's .grad
 
-    def recompute(self, b: Tensor) -> Tensor:
-        """DropPath(fn(b)) with the forward's random draws and autocast state."""
-        if b.requires_grad and b.is_leaf:
-            # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
-            # module tracker) may not be given a leaf while autograd.grad runs
-            b = b.view_as(b)
+    def call(self, b: Tensor, part: Optional[tuple[int, int]] = None, replay: bool = True,
+             swap: Optional[dict[int, Tensor]] = None) -> tuple[Tensor, list[Tensor]]:
+        """(DropPath(fn(b)), fn's trainable parameters as seen by the call); `part` = (k, n): only the k-th
+        of n summands of fn. `replay`: a recomputation, with the forward's random draws and autocast state
+        (the forward itself runs with the live ones). `swap`: stand-ins used in place of parameters."""
+        fn, mask, params = self.fn, self.mask, []
+
+        def run(x: Tensor) -> Tensor:
+            if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
+                # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
+                # module tracker) may not be given a leaf while a backward runs
+                x = x.view_as(x)
+            with parameters_swapped(fn.modules(), swap or {}):
+                params.extend(p for p in fn.parameters() if p.requires_grad)  # unsharded in FSDP2's hooks
+                y = fn(x) if part is None else fn.forward_part(x, *part)
+            return _drop(y, mask)
+
+        if not replay:
+            return (self.block(b, run=run) if self.through_hooks else run(b)), params
         with (self.rng.replay() if self.rng is not None else nullcontext()), self.autocast.enter():
-            return _drop(self.fn(b), self.mask)
+            out = self.block(b, run=run) if self.through_hooks else run(b)
+        return out, params
 
 
 # -- the backward, one coupling at a time -----------------------------------------------------------
@@ -311,72 +427,48 @@ class _CouplingFunction(torch.autograd.Function):
     def forward(ctx, a: Tensor, b: Tensor, tape: _Tape, index: int, *params: Tensor) -> Tensor:
         ctx.tape, ctx.index, ctx.params = tape, index, params
         r = tape.records[index]
-        return a + _drop(r.fn(b), r.mask)
+        pieces = [None] if tape.parallel or r.rng is not None or tape.chunk_bytes == 0 else \
+            chunks.pieces(r.fn, b, tape.chunk_bytes)
+        if pieces == [None]:
+            return a + r.call(b, replay=False)[0]
+        out = a.clone()  # the same pieces as the backward's: at most one piece's activations at a time
+        for piece in pieces:
+            if isinstance(piece, slice):
+                out[:, piece] += r.call(b[:, piece], replay=False)[0]
+            else:
+                out += r.call(b, piece, replay=False)[0]
+        return out
 
     @staticmethod
     def backward(ctx, d_out: Tensor):
         tape, index = ctx.tape, ctx.index
         tape.streams_after(index)  # (..., Y) as this coupling left them; b = the stream fn read
-        # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
-        b, fn_b = tape.recomputation(index)
-        # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
-        tape.rebuild_input(index, fn_b)
-        if tape.parallel:
-            tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
-        # back-propagate: d b += (d fn/d b)^T d out (dY1 in (5), dX2 in (6)); d W_fn = (d fn/d W)^T d out
-        d_b, *d_params = torch.autograd.grad(fn_b, [b, *ctx.params], d_out, allow_unused=True)
+        # None: autograd.grad is running and wants the parameter gradients back
+        accumulate = tape.gradient_plan(index)[0]
+        d_b, d_params = None, None
+        for piece in tape.pieces(index):  # the whole of fn, token slices, or summands
+            # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
+            leaf, fn_b, params = tape.recompute_piece(index, piece)
+            # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
+            tape.rebuild_input(index, piece, fn_b.detach())
+            if tape.parallel:
+                tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
+            # back-propagate: d b += (d fn/d b)^T d out (dY1 in (5), dX2 in (6)); d W_fn = (d fn/d W)^T d out,
+            # added to .grad as it is made (or handed back under autograd.grad)
+            d = d_out if not isinstance(piece, slice) else d_out[:, piece]
+            d_leaf, d_piece_params = backprop(fn_b, leaf, d, params, accumulate)
+            del fn_b, leaf
+            d_b = chunks.gather(d_b, d_leaf, piece, tape.streams[1 - tape.records[index].target])
+            d_params = d_piece_params if d_params is None else list(map(chunks.add, d_params, d_piece_params))
+        tape.finish_rebuild(index)
+        tape.end_gradients(index)
         if tape.on_side_stream:  # made by backward ops on the side stream, used from here on the caller's
-            main = torch.cuda.current_stream(d_b.device)
+            main = torch.cuda.current_stream(d_out.device)
             for g in (d_b, *d_params):
                 if g is not None:
                     g.record_stream(main)
-        # the target stream's gradient passes unchanged (dX1 = dY1, dX2's identity part): autograd adds it
-        return (d_out, d_b, None, None, *d_params)
-
-
-# -- what a recomputation must replay -----------------------------------------------------------------
-
-@dataclass
-class _RNGState:
-    """Generator states of the CPU and (optionally) one CUDA device, captured at one instant."""
-
-    cpu: Tensor
-    cuda: Optional[Tensor] = None
-    device: Optional[torch.device] = None
-
-    @classmethod
-    def capture(cls, device: torch.device) -> _RNGState:
-        if device.type == "cuda":
-            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device), device)
-        return cls(torch.get_rng_state())
-
-    @contextmanager
-    def replay(self) -> Iterator[None]:
-        """Run the body from this state, leaving the global generators as they were."""
-        devices = [self.device] if self.cuda is not None else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.set_rng_state(self.cpu)
-            if self.cuda is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-@dataclass
-class _AutocastState:
-    """The autocast settings in force when the forward ran, to be re-entered by the recomputation."""
-
-    device_type: str
-    enabled: bool
-    dtype: torch.dtype
-    cache_enabled: bool
-
-    @classmethod
-    def capture(cls, device: torch.device) -> _AutocastState:
-        kind = device.type
-        return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
-                   torch.is_autocast_cache_enabled())
-
-    def enter(self):
-        if not self.enabled:
-            return nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
+        # the target stream's gradient passes unchanged (dX1 = dY1, dX2's identity part): autograd adds it.
+        # A view of a larger gradient (both streams' gradients as halves of one buffer, as a head that
+        # concatenates the streams makes them) is copied out, so the buffer is freed with the other half
+        passthrough = d_out if d_out._base is None or tape.parallel else d_out.clone()
+        return (passthrough, d_b, None, None, *d_params)

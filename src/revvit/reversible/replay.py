@@ -1,0 +1,152 @@
+"""What a recomputation in backward must reproduce, and where its gradients go.
+
+* `RNGState` / `AutocastState`: the random generators and autocast settings in force when the forward
+  ran, re-entered by the recomputation so it computes exactly what the forward did.
+* `is_stochastic(fn)`: whether fn draws random numbers at all (only then is the RNG captured and replayed,
+  and only then may the recomputation not be split into chunks).
+* `backprop(out, leaf, d_out, params)`: back-propagate a recomputed piece. Parameter gradients go straight
+  into `.grad` as autograd produces them, one at a time, unless the outer call is `torch.autograd.grad`,
+  in which case they are handed back (nothing may touch `.grad` then).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
+
+__all__ = ["RNGState", "AutocastState", "is_stochastic", "gradient_nodes", "outer_accumulates", "stand_ins",
+           "parameters_swapped", "backprop"]
+
+
+@dataclass
+class RNGState:
+    """Generator states of the CPU and (optionally) one CUDA device, captured at one instant."""
+
+    cpu: Tensor
+    cuda: Optional[Tensor] = None
+    device: Optional[torch.device] = None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RNGState:
+        if device.type == "cuda":
+            return cls(torch.get_rng_state(), torch.cuda.get_rng_state(device), device)
+        return cls(torch.get_rng_state())
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the body from this state, leaving the global generators as they were."""
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+@dataclass
+class AutocastState:
+    """The autocast settings in force when the forward ran, to be re-entered by the recomputation."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+    cache_enabled: bool
+
+    @classmethod
+    def capture(cls, device: torch.device) -> AutocastState:
+        kind = device.type
+        return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind),
+                   torch.is_autocast_cache_enabled())
+
+    def enter(self):
+        if not self.enabled:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
+
+
+def is_stochastic(fn) -> bool:
+    """Whether `fn` (in training mode) draws random numbers: it says so (`fn.stochastic`), or one of its
+    modules is a dropout with p > 0 or has a positive `attn_drop` / `drop` rate."""
+    if not getattr(fn, "training", False):
+        return False
+    declared = getattr(fn, "stochastic", None)
+    if declared is not None:
+        return bool(declared)
+    for m in fn.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if any(isinstance(getattr(m, a, 0), float) and getattr(m, a) > 0 for a in ("attn_drop", "drop")):
+            return True
+    return False
+
+
+def gradient_nodes(params: Sequence[Tensor]) -> list:
+    """The autograd nodes that accumulate into each parameter's `.grad` (taken in the forward, where grad
+    mode is on)."""
+    with torch.enable_grad():
+        return [get_gradient_edge(p).node for p in params]
+
+
+def outer_accumulates(nodes: Sequence) -> Optional[list[bool]]:
+    """For each parameter's `gradient_nodes` entry, whether the backward now running will accumulate into
+    its `.grad`; None when the running call is `torch.autograd.grad` (gradients are returned, not
+    accumulated)."""
+    try:
+        return [torch._C._will_engine_execute_node(node) for node in nodes]
+    except RuntimeError:  # "... we are currently running autograd.grad()"
+        return None
+
+
+def stand_ins(params: Sequence[Tensor], accumulate: Optional[list[bool]]) -> dict[int, Tensor]:
+    """For each parameter whose `.grad` the outer backward accumulates: a stand-in leaf sharing its storage
+    and whose `.grad` *is* the parameter's `.grad` (created as zeros if missing). A recomputation that uses
+    the stand-ins (`parameters_swapped`) has autograd add each gradient into `.grad` in place as soon as it
+    is made; the parameter's own accumulation node still runs once, in the outer backward (with nothing
+    to add), so hooks on it (DDP's gradient buckets) fire once per step whatever the number of pieces."""
+    swap: dict[int, Tensor] = {}
+    for p, acc in zip(params, accumulate or ()):
+        if acc:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            alias = p.detach().requires_grad_(True)
+            alias.grad = p.grad
+            swap[id(p)] = alias
+    return swap
+
+
+@contextmanager
+def parameters_swapped(modules, swap: dict[int, Tensor]) -> Iterator[None]:
+    """Within the body, `modules` hold the stand-ins of `swap` (by parameter identity) as parameters."""
+    changed = []
+    for m in modules:
+        for name, p in m._parameters.items():
+            if p is not None and id(p) in swap:
+                changed.append((m, name, p))
+                m._parameters[name] = swap[id(p)]
+    try:
+        yield
+    finally:
+        for m, name, p in changed:
+            m._parameters[name] = p
+
+
+def backprop(out: Tensor, leaf: Tensor, d_out: Tensor, params: Sequence[Tensor],
+             accumulate: Optional[list[bool]]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
+    """d leaf = (d out/d leaf)^T d_out, and the gradients (d out/d W)^T d_out of `params` (the tensors the
+    recomputation used as parameters: the parameters, or their `stand_ins`).
+
+    `accumulate` (from `outer_accumulates`): None hands every parameter gradient back (autograd.grad);
+    otherwise autograd accumulates the gradient of each parameter marked True into its `.grad` as soon as
+    it is made (never all of them alive at once), the others are not computed, and the list is all None.
+    """
+    if accumulate is None:
+        d_leaf, *d_params = torch.autograd.grad(out, [leaf, *params], d_out, allow_unused=True)
+        return d_leaf, d_params
+    torch.autograd.backward(out, d_out, inputs=[leaf, *(p for p, a in zip(params, accumulate) if a)])
+    d_leaf, leaf.grad = leaf.grad, None
+    return d_leaf, [None] * len(params)

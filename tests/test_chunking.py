@@ -1,0 +1,146 @@
+"""Chunked recomputation: F and G rebuilt and back-propagated in pieces give the gradients of the whole,
+hold less memory, and parameter gradients reach `.grad` (or autograd.grad) as before."""
+import pytest
+import timm
+import torch
+
+from helpers import assert_reversible_matches_autograd, weighted_sum
+from revvit.bench import measure_training_memory
+from revvit.layers.attention import AttentionBranch
+from revvit.layers.mlp import MlpBranch
+from revvit.reversible import ReversibleBlock, ReversibleStack
+from revvit.reversible import pieces as chunks
+from test_models import NAMES, example_input, small
+
+
+def vit_stack(depth: int, dim: int = 16, heads: int = 4, drop_path: float = 0.3, dtype=torch.float64):
+    torch.manual_seed(0)
+    blocks = [ReversibleBlock(AttentionBranch(dim, heads, qkv_bias=True), MlpBranch(dim, 2.0), drop_path)
+              for _ in range(depth)]
+    return ReversibleStack(blocks).to(dtype)
+
+
+def two_stream_loss(out):
+    y1, y2 = out
+    return weighted_sum(y1) + y2.square().sum()
+
+
+@pytest.fixture
+def count_pieces(monkeypatch):
+    """Counts the pieces the engine splits F and G into (more than one per call: it chunked)."""
+    seen = []
+    original = chunks.pieces
+
+    def spy(fn, b, chunk_bytes):
+        pieces = original(fn, b, chunk_bytes)
+        seen.append(len(pieces))
+        return pieces
+
+    monkeypatch.setattr(chunks, "pieces", spy)
+    return seen
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2000])
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_fp64_chunked_gradients_equal_autograd_with_drop_path(depth, chunk_bytes, count_pieces):
+    stack = vit_stack(depth)
+    stack.set_chunking(chunk_bytes)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
+    assert max(count_pieces) > 1
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_fp32_chunked_gradients_equal_autograd(depth, count_pieces):
+    stack = vit_stack(depth, dtype=torch.float32)
+    stack.set_chunking(1)  # as many pieces as there are tokens (G) and heads (F)
+    x = torch.randn(3, 7, 16)
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
+    assert max(count_pieces) == 7
+
+
+def test_small_inputs_are_not_split_by_default(count_pieces):
+    stack = vit_stack(2)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    sum(stack(x, x)).sum().backward()
+    assert count_pieces and set(count_pieces) == {1}
+
+
+def test_chunking_off_never_splits(count_pieces):
+    stack = vit_stack(2)
+    stack.set_chunking(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    sum(stack(x, x)).sum().backward()
+    assert all(n == 1 for n in count_pieces)
+
+
+def test_a_random_function_is_never_split(monkeypatch):
+    stack = vit_stack(2)
+    stack.set_chunking(1)
+    stack.blocks[0].g.mlp.drop = torch.nn.Dropout(0.2)  # G of block 0 draws random numbers now
+    split = set()
+    original = chunks.pieces
+    monkeypatch.setattr(chunks, "pieces", lambda fn, b, c: split.add(id(fn)) or original(fn, b, c))
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    sum(stack(x, x)).sum().backward()
+    assert id(stack.blocks[0].g) not in split and id(stack.blocks[1].g) in split
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "1MB"])
+def test_a_bad_chunk_size_is_refused(bad):
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        vit_stack(1).set_chunking(bad)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if hasattr(small(n), "set_chunking")])
+def test_every_reversible_model_is_exact_when_chunked(name, count_pieces):
+    model = small(name, num_classes=5, drop_path_rate=0.3).set_chunking(1).double()  # fp64: rtol 1e-10
+    assert_reversible_matches_autograd(model, example_input(model).double(),
+                                       loss=lambda out: out.logsumexp(-1).sum(), seed=4)
+    assert max(count_pieces) > 1
+
+
+def test_chunking_lowers_the_peak_and_keeps_it_flat_in_depth():
+    x = torch.randn(2, 3, 64, 64)
+
+    def mb(depth: int, chunk_bytes) -> float:
+        torch.manual_seed(0)
+        model = timm.create_model("rev_vit_tiny_patch16_224", img_size=64, patch_size=8, depth=depth, num_classes=10,
+                                  drop_path_rate=0.0)
+        return measure_training_memory(model.set_chunking(chunk_bytes), x).mb_per_sample
+
+    whole, chunked = mb(4, 0), mb(4, 1)
+    assert chunked < 0.7 * whole
+    assert mb(8, 1) == pytest.approx(chunked, rel=0.01)
+
+
+def test_parameter_gradients_accumulate_into_existing_grads():
+    stack = vit_stack(2, drop_path=0.0)  # the same function twice
+    stack.set_chunking(1)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    two_stream_loss(stack(x, x)).backward()
+    once = [p.grad.clone() for p in stack.parameters()]
+    two_stream_loss(stack(x, x)).backward()
+    for p, g in zip(stack.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g)
+
+
+def test_autograd_grad_returns_parameter_gradients_and_leaves_grad_untouched():
+    stack = vit_stack(2, drop_path=0.0)
+    stack.set_chunking(1)
+    params = list(stack.parameters())
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(two_stream_loss(stack(x, x)), params)
+    assert all(p.grad is None for p in params)
+    two_stream_loss(stack(x, x)).backward()
+    for p, g in zip(params, grads):
+        torch.testing.assert_close(g, p.grad)
+
+
+def test_backward_with_inputs_fills_only_the_named_parameters():
+    stack = vit_stack(2)
+    named = [stack.blocks[0].g.mlp.fc1.weight, stack.blocks[1].f.attn.q.weight]
+    x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    two_stream_loss(stack(x, x)).backward(inputs=named)
+    assert all(p.grad is not None for p in named)
+    assert all(p.grad is None for p in stack.parameters() if all(p is not q for q in named))
