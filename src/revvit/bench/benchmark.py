@@ -58,7 +58,8 @@ def compare(candidates: list[Candidate], x: torch.Tensor, setting: str, steps: i
 
 
 def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
-    """Rev-ViT (reversible), the same model with autograd, timm's ViT, and timm's ViT with checkpointing."""
+    """Rev-ViT (reversible with the automatic, the finest and no chunking of the recomputation), the same
+    model with autograd, timm's ViT, and timm's ViT with checkpointing."""
     rev_name, vit_name = f"rev_vit_{size}_patch16_224", f"vit_{size}_patch16_224"
     kwargs = dict(depth=depth, img_size=img_size, drop_path_rate=0.0)
 
@@ -72,6 +73,8 @@ def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
 
     return [
         Candidate(f"{rev_name} reversible", lambda: rev("reversible")),
+        Candidate(f"{rev_name} reversible, finest chunks", lambda: rev("reversible").set_chunking(1)),
+        Candidate(f"{rev_name} reversible, chunking off", lambda: rev("reversible").set_chunking(0)),
         Candidate(f"{rev_name} autograd", lambda: rev("autograd")),
         Candidate(f"timm {vit_name}", lambda: vit(False)),
         Candidate(f"timm {vit_name} + checkpointing", lambda: vit(True)),
@@ -85,6 +88,8 @@ def mvit_candidates(video: bool, img_size: int, num_frames: int) -> list[Candida
     rev, plain = f"rev_mvit_base{suffix}", f"mvit_base{suffix}"
     return [
         Candidate(f"{rev} reversible", lambda: timm.create_model(rev, **kwargs).set_backprop("reversible")),
+        Candidate(f"{rev} reversible, chunking off",
+                  lambda: timm.create_model(rev, **kwargs).set_backprop("reversible").set_chunking(0)),
         Candidate(f"{rev} autograd", lambda: timm.create_model(rev, **kwargs).set_backprop("autograd")),
         Candidate(f"{plain}", lambda: timm.create_model(plain, **kwargs)),
     ]

@@ -20,14 +20,14 @@ AUTO_MIN_BYTES = 16 * 1024 ** 2
 
 def pieces(fn, b: Tensor, chunk_bytes: Optional[int]) -> list:
     """Split fn(b) into token slices (`fn.token_wise`) or summands (`fn.max_parts`), about
-    `PIECE_UNITS * b.nbytes / chunk_bytes` of them (automatic: 4, none for small inputs); [None]: whole."""
+    `PIECE_UNITS * b.nbytes / chunk_bytes` of them (automatic: 2, none for small inputs); [None]: whole."""
     token_wise, max_parts = getattr(fn, "token_wise", False), getattr(fn, "max_parts", 1)
     if not (token_wise or max_parts > 1):
         return [None]
     need = PIECE_UNITS * b.nbytes
     if chunk_bytes is None and need <= AUTO_MIN_BYTES:
         return [None]
-    n = -(-need // (chunk_bytes or 4 * b.nbytes))
+    n = -(-need // (chunk_bytes or 8 * b.nbytes))
     if token_wise and b.ndim >= 2:
         n = max(1, min(n, b.shape[1]))
         bounds = [round(i * b.shape[1] / n) for i in range(n + 1)]
