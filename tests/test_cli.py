@@ -105,7 +105,7 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "measuring depth 1" in out and "| rev_vit_tiny_patch16_224 reversible | depth 1 |" in out
     rows = json.loads((tmp_path / "b.json").read_text())
-    assert [r["label"] for r in rows][-1] == "timm vit_tiny_patch16_224 + checkpointing" and len(rows) == 4
+    assert [r["label"] for r in rows][-1] == "timm vit_tiny_patch16_224 + checkpointing" and len(rows) == 6
     with pytest.raises(SystemExit):
         main(["bench", "--depths", "12,x"])
 

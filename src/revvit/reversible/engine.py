@@ -204,8 +204,8 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
                     chunk_bytes: Optional[int]) -> tuple[Tensor, Tensor]:
     """The reversible forward: every coupling through `_CouplingFunction`, recorded on one tape.
 
-    torch.compile does not trace into it (one graph break per stack, whatever its depth); F and G are
-    compiled on their own when the model asks for it (`compile_blocks` of the models)."""
+    torch.compile does not trace into it: the stack is one graph break, whatever its depth (dynamo would
+    otherwise break at every coupling and recompile per tape length); the layers around it compile."""
     tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
     streams = [x1, x2]
     for block in blocks:
