@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Grid, MlpBranch, PatchEmbed3d, PoolingAttentionBranch, TokenClassifierMixin, resample_pos_embed
-from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack
+from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, set_chunking
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 from .mvit_blocks import GridBlock, MViTBlock, StageTransition, StreamFusion, attention_options
 from .mvit_layout import LayerSpec, MViTConfig, layer_layout
@@ -238,10 +238,7 @@ class RevMViT(_MultiscaleBase):
     def set_chunking(self, chunk_bytes: Optional[int] = None) -> "RevMViT":
         """How finely "reversible" backprop recomputes F and G (see `ReversibleStack.set_chunking`):
         None automatic, 0 off, or a budget in bytes for one piece's activations."""
-        for m in self.modules():
-            if isinstance(m, ReversibleStack):
-                m.set_chunking(chunk_bytes)
-        return self
+        return set_chunking(self, chunk_bytes)
 
     @property
     def backprop(self) -> str:

@@ -22,7 +22,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin, resample_pos_embed
-from ..reversible import ReversibleBlock, ReversibleStack
+from ..reversible import ReversibleBlock, ReversibleStack, set_chunking
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 
 __all__ = ["RevViTConfig", "RevViT", "official_to_revvit", "checkpoint_filter_fn"]
@@ -84,10 +84,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
     def set_chunking(self, chunk_bytes: Optional[int] = None) -> "RevViT":
         """How finely "reversible" backprop recomputes F and G (see `ReversibleStack.set_chunking`):
         None automatic, 0 off, or a budget in bytes for one piece's activations."""
-        for m in self.modules():
-            if isinstance(m, ReversibleStack):
-                m.set_chunking(chunk_bytes)
-        return self
+        return set_chunking(self, chunk_bytes)
 
     @property
     def backprop(self) -> str:

@@ -1,4 +1,4 @@
 """The reversible engine: two-stream blocks and their memory-efficient backward. Knows nothing of vision."""
-from .engine import BACKPROP_MODES, ReversibleBlock, ReversibleStack, records_graph
+from .engine import BACKPROP_MODES, ReversibleBlock, ReversibleStack, records_graph, set_chunking
 
-__all__ = ["BACKPROP_MODES", "ReversibleBlock", "ReversibleStack", "records_graph"]
+__all__ = ["BACKPROP_MODES", "ReversibleBlock", "ReversibleStack", "records_graph", "set_chunking"]

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -75,7 +75,7 @@ from .replay import (
     stand_ins,
 )
 
-__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph"]
+__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph", "set_chunking"]
 
 BACKPROP_MODES = ("reversible", "parallel", "autograd")
 
@@ -193,6 +193,14 @@ class ReversibleStack(nn.Module):
         return x.to(param.dtype)
 
 
+def set_chunking(module: nn.Module, chunk_bytes: Optional[int] = None) -> nn.Module:
+    """`ReversibleStack.set_chunking` on every reversible stack inside `module`; returns `module`."""
+    for m in module.modules():
+        if isinstance(m, ReversibleStack):
+            m.set_chunking(chunk_bytes)
+    return module
+
+
 def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
     """Whether calling `module` on `inputs` now would build an autograd graph worth saving memory on."""
     return torch.is_grad_enabled() and (any(x.requires_grad for x in inputs)
@@ -256,10 +264,9 @@ class _Tape:
         it: a + DropPath(fn(b))."""
         rng = RNGState.capture(b.device) if is_stochastic(fn) else None
         first = all(r.target != target for r in self.records)
-        self.records.append(_Record(block, fn, target, first, mask, rng, AutocastState.capture(b.device),
-                                    _through_hooks(block)))
         params = [p for p in fn.parameters() if p.requires_grad]
-        self.records[-1].gradient_nodes = gradient_nodes(params)
+        self.records.append(_Record(block, fn, target, first, mask, rng, AutocastState.capture(b.device),
+                                    _through_hooks(block), params, gradient_nodes(params)))
         return _CouplingFunction.apply(a, b, self, len(self.records) - 1, *params)
 
     def end_forward(self, streams: list[Tensor]) -> None:
@@ -292,20 +299,20 @@ class _Tape:
         if index not in self.plans:
             r = self.records[index]
             accumulate = outer_accumulates(r.gradient_nodes)
-            params = [p for p in r.fn.parameters() if p.requires_grad]
-            self.plans[index] = (accumulate, {} if r.through_hooks else stand_ins(params, accumulate))
+            self.plans[index] = (accumulate, {} if r.through_hooks else stand_ins(r.params, accumulate))
         return self.plans[index]
 
     def end_gradients(self, index: int) -> None:
         for alias in self.plans.pop(index, (None, {}))[1].values():
             alias.grad = None  # the parameter keeps it
 
-    def pieces(self, index: int) -> list:
-        """How coupling `index` is computed: [None] (whole), token slices, or (part, parts) pairs."""
+    def pieces(self, index: int, b: Tensor) -> list:
+        """How coupling `index` is computed, forward and backward alike, from the stream `b` its fn reads:
+        [None] (whole), token slices, or (part, parts) pairs."""
         r = self.records[index]
         if self.parallel or r.rng is not None or r.through_hooks or self.chunk_bytes == 0:
             return [None]
-        return chunks.pieces(r.fn, self.streams[1 - r.target], self.chunk_bytes)
+        return chunks.pieces(r.fn, b, self.chunk_bytes)
 
     def recompute_piece(self, index: int, piece) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(leaf, DropPath(fn(leaf)) or its piece, fn's parameters as the call saw them), with a graph from
@@ -394,7 +401,8 @@ class _Record:
     rng: Optional[RNGState]  # None: fn draws no random numbers
     autocast: AutocastState
     through_hooks: bool  # call fn inside `block(x, run=...)` (FSDP2)
-    gradient_nodes: list = field(default_factory=list)  # where autograd accumulates each parameter's .grad
+    params: list[Tensor]  # fn's trainable parameters, as the forward saw them (inputs of the coupling)
+    gradient_nodes: list  # where autograd accumulates each of their .grad
 
     def call(self, b: Tensor, part: Optional[tuple[int, int]] = None, replay: bool = True,
              swap: Optional[dict[int, Tensor]] = None) -> tuple[Tensor, list[Tensor]]:
@@ -413,9 +421,8 @@ class _Record:
                 y = fn(x) if part is None else fn.forward_part(x, *part)
             return _drop(y, mask)
 
-        if not replay:
-            return (self.block(b, run=run) if self.through_hooks else run(b)), params
-        with (self.rng.replay() if self.rng is not None else nullcontext()), self.autocast.enter():
+        random = self.rng.replay() if replay and self.rng is not None else nullcontext()
+        with random, (self.autocast.enter() if replay else nullcontext()):
             out = self.block(b, run=run) if self.through_hooks else run(b)
         return out, params
 
@@ -429,8 +436,7 @@ class _CouplingFunction(torch.autograd.Function):
     def forward(ctx, a: Tensor, b: Tensor, tape: _Tape, index: int, *params: Tensor) -> Tensor:
         ctx.tape, ctx.index, ctx.params = tape, index, params
         r = tape.records[index]
-        pieces = [None] if tape.parallel or r.rng is not None or tape.chunk_bytes == 0 else \
-            chunks.pieces(r.fn, b, tape.chunk_bytes)
+        pieces = tape.pieces(index, b)
         if pieces == [None]:
             return a + r.call(b, replay=False)[0]
         out = a.clone()  # the same pieces as the backward's: at most one piece's activations at a time
@@ -448,7 +454,8 @@ class _CouplingFunction(torch.autograd.Function):
         # None: autograd.grad is running and wants the parameter gradients back
         accumulate = tape.gradient_plan(index)[0]
         d_b, d_params = None, None
-        for piece in tape.pieces(index):  # the whole of fn, token slices, or summands
+        b = tape.streams[1 - tape.records[index].target]
+        for piece in tape.pieces(index, b):  # the whole of fn, token slices, or summands
             # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
             leaf, fn_b, params = tape.recompute_piece(index, piece)
             # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
@@ -460,7 +467,7 @@ class _CouplingFunction(torch.autograd.Function):
             d = d_out if not isinstance(piece, slice) else d_out[:, piece]
             d_leaf, d_piece_params = backprop(fn_b, leaf, d, params, accumulate)
             del fn_b, leaf
-            d_b = chunks.gather(d_b, d_leaf, piece, tape.streams[1 - tape.records[index].target])
+            d_b = chunks.gather(d_b, d_leaf, piece, b)
             d_params = d_piece_params if d_params is None else list(map(chunks.add, d_params, d_piece_params))
         tape.finish_rebuild(index)
         tape.end_gradients(index)
