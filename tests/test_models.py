@@ -206,3 +206,19 @@ def test_dynamic_video_model_takes_other_clip_sizes():
     model = timm.create_model("rev_mvit_tiny_video", img_size=32, embed_dim=16, num_frames=4, num_classes=3,
                               dynamic_img_size=True).eval()
     assert model(torch.randn(1, 3, 8, 48, 32)).shape == (1, 3)
+
+
+def test_initialisation_does_not_depend_on_python_hashing():
+    # A process's string hashing (PYTHONHASHSEED) is random: with a seed set, every model must start from
+    # the same weights in every process (torchrun ranks, a resumed run), so nothing iterates a set in init.
+    import subprocess
+
+    code = ("import sys, hashlib; sys.path.insert(0, 'tests'); from test_models import NAMES, small\n"
+            "for n in NAMES:\n"
+            "    h = hashlib.sha256()\n"
+            "    for k, v in small(n).state_dict().items(): h.update(k.encode() + v.numpy().tobytes())\n"
+            "    print(n, h.hexdigest())\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "4")]
+    assert runs[0].count("\n") == len(NAMES) and runs[0] == runs[1]

@@ -125,6 +125,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision via torch.autocast")
     t.add_argument("--backprop", choices=["reversible", "parallel", "autograd"],
                    help="reversible (default), parallel (reversible with the two-stream CUDA schedule) or autograd")
+    t.add_argument("--parallel", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (default: every process holds the whole model) or fsdp (FSDP2: "
+                        "parameters, gradients and optimiser state sharded over the processes)")
     t.add_argument("--seed", type=int)
     t.add_argument("--lr", type=float, help="learning rate per 512 images (scaled by batch_size/512)")
     t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output")
@@ -139,8 +142,8 @@ def _train(args: argparse.Namespace) -> int:
     from .train.recipes import train_config
 
     flags = {"model": args.model, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
-             "img_size": args.img_size, "amp": args.amp, "backprop": args.backprop, "seed": args.seed, "lr": args.lr,
-             "pretrained": args.pretrained}
+             "img_size": args.img_size, "amp": args.amp, "backprop": args.backprop, "parallel": args.parallel,
+             "seed": args.seed, "lr": args.lr, "pretrained": args.pretrained}
     if args.resume and not args.output:
         raise SystemExit("revvit train: --resume needs --output (the run directory to continue)")
     cfg = train_config(args.config, args.overrides + [f"{k}={v}" for k, v in flags.items() if v is not None],

@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
-from torch import nn
+from torch import Tensor, nn
 
 from .. import __version__
 from ..io import CheckpointError, atomic_write, plain_data
@@ -104,19 +104,22 @@ def _encode(meta: Mapping[str, Any]) -> dict[str, str]:
 
 
 def save(model: nn.Module, path: os.PathLike | str, extra_metadata: Optional[Mapping[str, Any]] = None, *,
-         model_name: Optional[str] = None, model_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+         model_name: Optional[str] = None, model_kwargs: Optional[Mapping[str, Any]] = None,
+         state_dict: Optional[Mapping[str, Tensor]] = None) -> None:
     """Write `model`'s weights and what rebuilds it to a .safetensors file (atomically).
 
     Tensors are stored under `model.state_dict()`'s own names, on CPU, in their own dtype. The timm name
     and kwargs are `model_spec(model)`'s unless given (`revvit train` gives the ones it built the model
-    with). `extra_metadata` values may be strings or anything JSON can hold.
+    with). `extra_metadata` values may be strings or anything JSON can hold. `state_dict`: the weights to
+    write instead of `model.state_dict()` (e.g. a sharded model's, gathered).
     """
     path = os.fspath(path)
     if model_name is None or model_kwargs is None:
         spec_name, spec_kwargs = model_spec(model)
         model_name = spec_name if model_name is None else model_name
         model_kwargs = spec_kwargs if model_kwargs is None else model_kwargs
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(path, f"refused to write weights holding NaN or infinity ({len(bad)} tensor(s): "

@@ -70,7 +70,7 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
         self.head_drop = nn.Dropout(self.cfg.drop_rate)
         self.head = nn.Linear(num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
         self.apply(init_weights_official)
-        for p in self.no_weight_decay():
+        for p in sorted(self.no_weight_decay()):  # a set: sorted, so the draws do not depend on hashing
             trunc_normal_(getattr(self, p), std=0.02)
         stride = self.patch_embed.stride[1]
         self.feature_info = []

@@ -58,6 +58,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Optional
 
 import torch
@@ -112,11 +113,13 @@ class ReversibleBlock(nn.Module):
     def forward(self, x1: Tensor, x2: Optional[Tensor] = None, *, run=None):
         """Plain (1) and (2) under ordinary autograd.
 
-        `run`: the reversible engine calls one of F, G (or a chunk of it) as `block(x, run=call)` when the
-        block carries hooks of its own (FSDP2's `fully_shard`): the call then happens inside the block's
-        hooks, which gather the parameters and, in backward, reduce-scatter their gradients."""
+        `run`: the reversible engine runs its own couplings as `block(x1, x2, run=couplings)` when the block
+        carries hooks (FSDP2's `fully_shard`): the hooks then see the block's inputs and outputs, gather
+        the parameters for the forward, and bracket the block's whole backward (both recomputations) with
+        their pre- and post-backward steps, which gather the parameters again and reduce-scatter the
+        gradients once."""
         if run is not None:
-            return run(x1)
+            return run(x1, x2)
         streams, mask = [x1, x2], self.sample_mask(x1)
         for fn, t in self.couplings():
             streams[t] = streams[t] + _drop(fn(streams[1 - t]), mask)
@@ -215,11 +218,12 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
     torch.compile does not trace into it: the stack is one graph break, whatever its depth (dynamo would
     otherwise break at every coupling and recompile per tape length); the layers around it compile."""
     tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
-    streams = [x1, x2]
     for block in blocks:
-        mask = block.sample_mask(x1)  # one per-sample mask for F and G, drawn first as in block.forward
-        for fn, t in block.couplings():
-            streams[t] = tape.couple(block, fn, t, mask, streams[t], streams[1 - t])
+        if _sharded(block):  # FSDP2: called, so that its hooks gather parameters and bracket its backward
+            x1, x2 = block(x1, x2, run=partial(tape.forward_block, block))
+        else:
+            x1, x2 = tape.forward_block(block, x1, x2)
+    streams = [x1, x2]
     tape.end_forward(streams)
     return streams[0], streams[1]
 
@@ -229,8 +233,9 @@ def _drop(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     return x if mask is None else x * mask
 
 
-def _through_hooks(block: nn.Module) -> bool:
-    """FSDP2-sharded blocks must be called (not bypassed) so that their hooks gather the parameters."""
+def _sharded(block: nn.Module) -> bool:
+    """Whether `block` is sharded by FSDP2 (`fully_shard`): it must be called, not bypassed, in the forward,
+    and its parameters gathered (`unshard`, a no-op when they are) before a recomputation."""
     fsdp = getattr(torch.distributed, "fsdp", None) if torch.distributed.is_available() else None
     return fsdp is not None and isinstance(block, getattr(fsdp, "FSDPModule", ()))
 
@@ -259,6 +264,13 @@ class _Tape:
         self.plans: dict[int, tuple[Optional[list[bool]], dict[int, Tensor]]] = {}
 
     # forward
+    def forward_block(self, block: ReversibleBlock, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
+        """(1) then (2), each coupling recorded; the block's drop-path mask drawn first, as in its forward."""
+        streams, mask = [x1, x2], block.sample_mask(x1)
+        for fn, t in block.couplings():
+            streams[t] = self.couple(block, fn, t, mask, streams[t], streams[1 - t])
+        return streams[0], streams[1]
+
     def couple(self, block: nn.Module, fn, target: int, mask: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
         """Record a coupling (its random state taken just before fn runs, if fn is random at all) and apply
         it: a + DropPath(fn(b))."""
@@ -266,7 +278,7 @@ class _Tape:
         first = all(r.target != target for r in self.records)
         params = [p for p in fn.parameters() if p.requires_grad]
         self.records.append(_Record(block, fn, target, first, mask, rng, AutocastState.capture(b.device),
-                                    _through_hooks(block), params, gradient_nodes(params)))
+                                    _sharded(block), params, gradient_nodes(params)))
         return _CouplingFunction.apply(a, b, self, len(self.records) - 1, *params)
 
     def end_forward(self, streams: list[Tensor]) -> None:
@@ -295,11 +307,11 @@ class _Tape:
     def gradient_plan(self, index: int) -> tuple[Optional[list[bool]], dict[int, Tensor]]:
         """Where coupling `index`'s parameter gradients go: `accumulate` (None: handed back to
         autograd.grad; else per parameter, into `.grad` or not at all) and the stand-ins that take them
-        into `.grad` in place (none for blocks behind hooks: FSDP2 gathers and reduces gradients itself)."""
+        into `.grad` in place (for FSDP2, the gathered parameters' `.grad`, which its hooks reduce-scatter)."""
         if index not in self.plans:
             r = self.records[index]
             accumulate = outer_accumulates(r.gradient_nodes)
-            self.plans[index] = (accumulate, {} if r.through_hooks else stand_ins(r.params, accumulate))
+            self.plans[index] = (accumulate, stand_ins(r.params, accumulate))
         return self.plans[index]
 
     def end_gradients(self, index: int) -> None:
@@ -310,7 +322,7 @@ class _Tape:
         """How coupling `index` is computed, forward and backward alike, from the stream `b` its fn reads:
         [None] (whole), token slices, or (part, parts) pairs."""
         r = self.records[index]
-        if self.parallel or r.rng is not None or r.through_hooks or self.chunk_bytes == 0:
+        if self.parallel or r.rng is not None or self.chunk_bytes == 0:
             return [None]
         return chunks.pieces(r.fn, b, self.chunk_bytes)
 
@@ -400,7 +412,7 @@ class _Record:
     mask: Optional[Tensor]
     rng: Optional[RNGState]  # None: fn draws no random numbers
     autocast: AutocastState
-    through_hooks: bool  # call fn inside `block(x, run=...)` (FSDP2)
+    sharded: bool  # FSDP2: gather the block's parameters before a recomputation
     params: list[Tensor]  # fn's trainable parameters, as the forward saw them (inputs of the coupling)
     gradient_nodes: list  # where autograd accumulates each of their .grad
 
@@ -409,22 +421,18 @@ class _Record:
         """(DropPath(fn(b)), fn's trainable parameters as seen by the call); `part` = (k, n): only the k-th
         of n summands of fn. `replay`: a recomputation, with the forward's random draws and autocast state
         (the forward itself runs with the live ones). `swap`: stand-ins used in place of parameters."""
-        fn, mask, params = self.fn, self.mask, []
-
-        def run(x: Tensor) -> Tensor:
-            if x.requires_grad and x.is_leaf and torch.is_grad_enabled():
-                # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
-                # module tracker) may not be given a leaf while a backward runs
-                x = x.view_as(x)
-            with parameters_swapped(fn.modules(), swap or {}):
-                params.extend(p for p in fn.parameters() if p.requires_grad)  # unsharded in FSDP2's hooks
-                y = fn(x) if part is None else fn.forward_part(x, *part)
-            return _drop(y, mask)
-
+        if replay and self.sharded:
+            self.block.unshard()  # FSDP2's pre-backward has usually done it already (then a no-op)
+        if b.requires_grad and b.is_leaf and torch.is_grad_enabled():
+            # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
+            # module tracker) may not be given a leaf while a backward runs
+            b = b.view_as(b)
         random = self.rng.replay() if replay and self.rng is not None else nullcontext()
-        with random, (self.autocast.enter() if replay else nullcontext()):
-            out = self.block(b, run=run) if self.through_hooks else run(b)
-        return out, params
+        with random, (self.autocast.enter() if replay else nullcontext()), \
+                parameters_swapped(self.fn.modules(), swap or {}):
+            params = [p for p in self.fn.parameters() if p.requires_grad]
+            y = self.fn(b) if part is None else self.fn.forward_part(b, *part)
+        return _drop(y, self.mask), params
 
 
 # -- the backward, one coupling at a time -----------------------------------------------------------

@@ -155,12 +155,14 @@ def load_latest(out_dir: Path, log: Callable[[str], None] = print) -> Optional[t
     raise CheckpointError(out_dir, f"no usable checkpoint: all of {[p.name for p in candidates]} failed to load")
 
 
-def load_model_state(model: nn.Module, state: dict, path: Path, model_name: str, model_kwargs: dict) -> None:
-    """Load a training checkpoint's weights into the run's model; CheckpointError naming the differences
-    (model, model_kwargs) when the checkpoint was written for another architecture."""
+def load_model_state(model: nn.Module, state: dict, path: Path, model_name: str, model_kwargs: dict,
+                     load: Optional[Callable[[nn.Module, dict], Any]] = None) -> None:
+    """Load a training checkpoint's weights into the run's model (with `load(model, weights)`, default
+    `model.load_state_dict`); CheckpointError naming the differences (model, model_kwargs) when the
+    checkpoint was written for another architecture."""
     try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
+        (load or nn.Module.load_state_dict)(model, state["model"])
+    except (RuntimeError, KeyError) as e:
         theirs, kw = state.get("model_name"), dict(state.get("model_kwargs") or {})
         diff = {k: (kw.get(k), v) for k, v in model_kwargs.items() if kw.get(k) != v}
         what = (f"model {theirs}, this run {model_name}" if theirs != model_name

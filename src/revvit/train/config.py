@@ -80,6 +80,7 @@ class TrainConfig(DataOptions):
     deterministic: bool = False  # torch.use_deterministic_algorithms(True): exact resume
     threads: int = 0  # torch intra-op threads per process (0: torch's default)
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    parallel: str = "ddp"  # under torchrun: "ddp" (whole model per process) or "fsdp" (FSDP2, sharded)
     ckpt_every_steps: int = 0  # also checkpoint every N optimiser steps (0: at epoch ends only)
     keep_last: int = 2  # checkpoints kept besides best.pt
     eval_every: int = 1  # epochs
@@ -93,6 +94,7 @@ class TrainConfig(DataOptions):
 
         need(self.backprop in ("reversible", "parallel", "autograd"),
              f"backprop must be 'reversible', 'parallel' or 'autograd', got {self.backprop!r}")
+        need(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         need(self.amp in (None, "bf16", "fp16"), f"amp must be bf16, fp16 or none, got {self.amp!r}")
         need(self.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs", "batch_size", "img_size", "in_chans", "num_frames", "keep_last", "eval_every",

@@ -2,13 +2,15 @@
 saved model (a training checkpoint, the final model.safetensors, or an official .pyth)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from timm.utils import accuracy
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ..data import build_datasets
@@ -21,14 +23,18 @@ __all__ = ["evaluate", "eval_loader", "evaluate_checkpoint"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] = None) -> dict:
+def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] = None, lockstep: bool = False) -> dict:
     """Top-1/top-5 (%) and mean cross-entropy over the loader, summed over all ranks. A batch of
-    (B, V, C, T, H, W) video views is scored by the mean softmax over its V views."""
+    (B, V, C, T, H, W) video views is scored by the mean softmax over its V views.
+
+    `lockstep` (an FSDP-sharded model, whose forward is a collective): every rank runs as many forwards
+    as the rank with the most batches; a rank out of batches repeats its first one, uncounted."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = loss_sum = count = 0.0
     num_classes = None
-    for x, y in loader:
+    batches = _in_lockstep(loader, device) if lockstep else ((x, y, True) for x, y in loader)
+    for x, y, counted in batches:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         views = 1
         if x.dim() == 6:
@@ -36,6 +42,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] 
             x = x.flatten(0, 1)
         with torch.autocast(device.type, dtype=AMP_DTYPES[amp], enabled=amp is not None):
             logits = model(x)
+        if not counted:
+            continue
         probs = logits.float().softmax(-1)
         probs = probs.view(-1, views, probs.shape[-1]).mean(1)
         num_classes = probs.shape[-1]
@@ -52,6 +60,23 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] 
     if num_classes is not None and num_classes >= 5:
         out["top5"] = 100 * correct5 / count
     return out
+
+
+def _in_lockstep(loader, device: torch.device) -> Iterator[tuple[Tensor, Tensor, bool]]:
+    """(x, y, counted) for every batch of `loader`, then the first batch again (not counted) until this rank
+    has run as many as the busiest rank."""
+    most = torch.tensor([len(loader)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+    first = None
+    for x, y in loader:
+        first = (x, y) if first is None else first
+        yield x, y, True
+    for _ in range(int(most.item()) - len(loader)):
+        if first is None:
+            raise RuntimeError("a process has no validation batch while another has: with parallel=fsdp every "
+                               "process needs at least one (more validation samples than processes)")
+        yield first[0], first[1], False
 
 
 def eval_loader(dataset, batch_size: int, num_workers: int, d: DistInfo) -> DataLoader:

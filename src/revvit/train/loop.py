@@ -42,6 +42,15 @@ from .logger import RunLogger
 from .optim import build_scheduler
 from .parts import AMP_DTYPES, TrainError, TrainingDiverged, create_run_model, data_spec, mixup_fn, train_sampler
 from .recipes import SCHEDULE_KEYS, check_resume, describe_run
+from .sharding import (
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_model_state,
+    load_full_optimizer_state,
+    local_value,
+    shard_model,
+)
 
 __all__ = ["fit", "Run", "RunState"]
 
@@ -109,6 +118,9 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     per_rank = cfg.batch_size // d.world_size
     if (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
         raise TrainError(f"mixup/cutmix need an even batch per process, got {per_rank}")
+    if cfg.parallel == "fsdp" and d.enabled and (cfg.ema or cfg.memory_table):
+        raise TrainError(f"parallel=fsdp does not support {'ema' if cfg.ema else 'memory_table'}=true yet "
+                         "(it needs the whole model on one process): use parallel=ddp, or turn it off")
     if not resume and ckpt.list_checkpoints(out_dir):  # every rank checks, so all stop together
         raise TrainError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --output")
@@ -144,6 +156,8 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     if d.is_main:
         ckpt.prepare_output_dir(out_dir, say)
     model.to(d.device)
+    if cfg.parallel == "fsdp" and d.enabled:
+        shard_model(model)  # before the optimiser, which then holds (and keeps state for) the shards
     say(describe_run(cfg, data, sum(p.numel() for p in model.parameters()), str(d.device), d.world_size, out_dir))
     if d.is_main:
         save_config(cfg, out_dir / "config.yaml")
@@ -171,8 +185,13 @@ def resume_or_seed(run: Run, resume: bool) -> None:
         return
     path, state = found
     changed = check_resume(state["config"], run.cfg, run.out_dir)  # refuses another model, data, input, batch
-    ckpt.load_model_state(run.model, state, path, run.cfg.model, run.model_kwargs)
-    run.optimizer.load_state_dict(state["optimizer"])
+    sharded = is_sharded(run.model)
+    ckpt.load_model_state(run.model, state, path, run.cfg.model, run.model_kwargs,
+                          load_full_model_state if sharded else None)
+    if sharded or isinstance(next(iter(state["optimizer"]["state"]), 0), str):  # fsdp's: keyed by name
+        load_full_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     if set(changed) & set(SCHEDULE_KEYS):  # e.g. more epochs: the new schedule, at the step reached
         run.scheduler.step_update(state["global_step"])
     else:
@@ -192,8 +211,9 @@ def connect(run: Run, resume: bool) -> None:
     """What needs the run's position: DDP over the model, the logger (a resumed run's events purged past the
     checkpoint), the val loader."""
     d = run.d
-    run.net = DistributedDataParallel(run.model, device_ids=[d.device.index] if d.device.type == "cuda" else None) \
-        if d.enabled else run.model
+    run.net = run.model
+    if d.enabled and not is_sharded(run.model):
+        run.net = DistributedDataParallel(run.model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     run.logger = RunLogger(run.out_dir, enabled=d.is_main, purge_step=run.state.global_step if resume else None)
     run.val_loader = eval_loader(run.data.val, run.per_rank, run.cfg.num_workers, d)
 
@@ -205,10 +225,14 @@ def save_checkpoint(run: Run, is_best: bool = False) -> None:
     if d.enabled:
         rngs = [None] * d.world_size
         torch.distributed.all_gather_object(rngs, ckpt.rng_state())
+    sharded = is_sharded(run.model)  # the full states are gathered to rank 0 (every rank takes part)
+    model_state = full_model_state(run.model) if sharded else None
+    optimizer_state = full_optimizer_state(run.model, run.optimizer) if sharded else None
     if not d.is_main:
         return
-    state = dict(model=run.model.state_dict(), model_name=run.cfg.model, model_kwargs=run.model_kwargs,
-                 optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+    state = dict(model=model_state if sharded else run.model.state_dict(), model_name=run.cfg.model,
+                 model_kwargs=run.model_kwargs, optimizer=optimizer_state if sharded else run.optimizer.state_dict(),
+                 scheduler=run.scheduler.state_dict(),
                  scaler=run.scaler.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
                  epoch=st.epoch, batches_done=st.batches_done, global_step=st.global_step, best_top1=st.best_top1,
                  history=st.history, epoch_loss=st.epoch_loss, config=run.cfg.to_dict(), rng=rngs,
@@ -298,7 +322,7 @@ def finite_gradients(run: Run) -> bool:
     if run.scaler.is_enabled():
         return True
     norm = torch.nn.utils.get_total_norm([p.grad for p in run.model.parameters() if p.grad is not None])
-    if math.isfinite(norm.item()):
+    if math.isfinite(local_value(norm).item()):
         run.state.skipped_in_a_row = 0
         return True
     run.state.skipped_in_a_row += 1
@@ -318,7 +342,7 @@ def end_epoch(run: Run) -> None:
            "lr": run.optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - run.t_start, 2)}
     is_best = False
     if (st.epoch + 1) % cfg.eval_every == 0 or st.epoch + 1 == cfg.epochs:
-        metrics = evaluate(run.model, run.val_loader, d.device, cfg.amp)
+        metrics = evaluate(run.model, run.val_loader, d.device, cfg.amp, lockstep=is_sharded(run.model))
         row.update({f"val_{k}": v for k, v in metrics.items() if k != "count"})
         if run.ema is not None:
             row["val_top1_ema"] = evaluate(run.ema.module, run.val_loader, d.device, cfg.amp)["top1"]
@@ -336,11 +360,13 @@ def end_epoch(run: Run) -> None:
 
 def finish(run: Run) -> dict:
     """Rank 0: model.safetensors (and model_ema.safetensors), summary.json, the memory table."""
+    weights = full_model_state(run.model) if is_sharded(run.model) else None  # every rank takes part
     if not run.d.is_main:
         return {}
     cfg, st = run.cfg, run.state
     extra = {"config": cfg.to_dict(), "class_names": list(run.data.class_names)}
-    interop.save(run.model, run.out_dir / ckpt.WEIGHTS, extra, model_name=cfg.model, model_kwargs=run.model_kwargs)
+    interop.save(run.model, run.out_dir / ckpt.WEIGHTS, extra, model_name=cfg.model, model_kwargs=run.model_kwargs,
+                 state_dict=weights)
     if run.ema is not None:
         interop.save(run.ema.module, run.out_dir / ckpt.EMA_WEIGHTS, extra, model_name=cfg.model,
                      model_kwargs=run.model_kwargs)
