@@ -110,6 +110,13 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
         main(["bench", "--depths", "12,x"])
 
 
+def test_bench_compile_adds_a_compiled_twin_of_every_row(tmp_path, capsys):
+    assert main(["bench", "--size", "tiny", "--depths", "1", "--img-size", "32", "--batch-size", "2", "--steps", "1",
+                 "--device", "cpu", "--compile", "aot_eager", "--json", str(tmp_path / "b.json")]) == 0
+    labels = [r["label"] for r in json.loads((tmp_path / "b.json").read_text())]
+    assert len(labels) == 12 and labels[6:] == [f"{label}, compiled" for label in labels[:6]]
+
+
 # The child process: revvit train with every fsync slowed by 50 ms, so that a checkpoint write lasts long enough
 # to be killed in the middle of it.
 SLOW_WRITES = ("import os, sys, time\n_fsync = os.fsync\nos.fsync = lambda fd: (time.sleep(0.05), _fsync(fd))[1]\n"
@@ -190,6 +197,7 @@ def test_default_demo_reaches_95_percent_in_3_minutes(tmp_path):
     (["--plot", "x.png"], "--plot draws the --budget depth sweep"),
     (["--family", "mvit-video", "--budget", "1GB"], "use --family vit or mvit"),
     (["--family", "mvit", "--depths", "12"], "--depths applies to --family vit"),
+    (["--budget", "1GB", "--compile"], "--compile applies to the fixed-batch comparison"),
 ])
 def test_bench_refuses_options_that_do_not_apply(argv, message, capsys):
     assert main(["bench", *argv]) == 2

@@ -5,6 +5,10 @@ import timm
 import torch
 import torch._dynamo
 
+from helpers import weighted_sum
+from revvit.reversible import compile_blocks
+from test_models import NAMES, example_input, small
+
 
 def tiny(depth: int, **kwargs):
     torch.manual_seed(0)
@@ -29,3 +33,32 @@ def test_compiled_model_gets_the_eager_gradients(backend):
     torch.compile(model, backend=backend)(x).logsumexp(-1).sum().backward()
     for p, g in zip(model.parameters(), eager):
         torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+REVERSIBLE = [n for n in NAMES if hasattr(small(n), "set_chunking")]
+
+
+@pytest.mark.parametrize("name", REVERSIBLE)
+def test_compiled_blocks_give_the_eager_gradients(name):
+    # Regional compilation (F and G compiled, the engine eager), with drop path and chunked recomputation
+    torch._dynamo.reset()
+    eager = small(name, num_classes=5, drop_path_rate=0.2).double().set_chunking(1)
+    model = compile_blocks(small(name, num_classes=5, drop_path_rate=0.2).double().set_chunking(1),
+                           backend="aot_eager")
+    x = example_input(eager).double()
+    for m in (eager, model):
+        torch.manual_seed(3)
+        weighted_sum(m(x)).backward()
+    for (n, p), q in zip(eager.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_compiled_blocks_compile_once_whatever_the_depth():
+    graphs = []
+    for depth in (2, 6):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        model = compile_blocks(tiny(depth), backend="eager")
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] > 0

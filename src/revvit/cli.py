@@ -237,6 +237,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "(parameters, gradients, AdamW state, activations; measured) per method and depth, "
                         "and images/s at it (--family vit or mvit; --depths, default 12,24,48,96)")
     b.add_argument("--plot", default=None, help="with --budget: write the depth sweep as a PNG plot")
+    b.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time every model with its blocks torch.compiled (regional: F and G of reversible "
+                        "blocks); BACKEND default inductor")
     b.set_defaults(func=_bench)
 
 
@@ -256,7 +259,7 @@ def _bench(args: argparse.Namespace) -> int:
     results = run_benchmark(family=args.family, size=args.size, depths=args.depths or [12, 24],
                             batch_size=args.batch_size, img_size=args.img_size, num_frames=args.num_frames,
                             steps=args.steps, device=args.device,
-                            log=lambda msg: print(msg, flush=True))
+                            log=lambda msg: print(msg, flush=True), compile=args.compile)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -273,6 +276,8 @@ def _bench_refusal(args: argparse.Namespace) -> Optional[str]:
                  if value is not None]
         if given:
             return f"--family detection measures one Mask R-CNN per backbone: {', '.join(given)} do not apply"
+    if args.compile and (args.budget is not None or args.family == "detection"):
+        return "--compile applies to the fixed-batch comparison (--family vit, mvit, mvit-video without --budget)"
     if args.budget is not None and args.family not in ("vit", "mvit"):
         return f"--budget compares image models: use --family vit or mvit, not {args.family}"
     if args.depths is not None and not (args.family == "vit" or (args.family == "mvit" and args.budget is not None)):

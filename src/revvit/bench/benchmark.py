@@ -15,6 +15,7 @@ import timm
 import torch
 from torch import nn
 
+from ..reversible import compile_blocks
 from .memory import measure_training_memory, training_step
 
 __all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "run_benchmark"]
@@ -39,8 +40,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def compiled(candidates: list[Candidate], backend: str = "inductor") -> list[Candidate]:
+    """Each candidate, then the same with its blocks compiled (`revvit.reversible.compile_blocks`: F and G of
+    the reversible blocks, the blocks of the others), labelled ", compiled"."""
+    twins = [Candidate(f"{c.label}, compiled", lambda build=c.build: compile_blocks(build(), backend=backend))
+             for c in candidates]
+    return candidates + twins
+
+
 def compare(candidates: list[Candidate], x: torch.Tensor, setting: str, steps: int = 3) -> list[Result]:
-    """Memory of each candidate, then `steps` timed steps of each, interleaved; median step time."""
+    """Memory of each candidate, then `steps` timed steps of each, interleaved; median step time. The memory
+    step is also the warm-up (a compiled candidate compiles there)."""
     models, mem = {}, {}
     for c in candidates:
         model = c.build().to(x.device)
@@ -108,11 +118,13 @@ def format_table(results: list[Result]) -> str:
 
 def run_benchmark(family: str = "vit", size: str = "small", depths: Sequence[int] = (12, 24),
                   batch_size: Optional[int] = None, img_size: Optional[int] = None, num_frames: int = 8,
-                  steps: int = 3, device: Optional[str] = None, log: Callable[[str], None] = print) -> list[Result]:
+                  steps: int = 3, device: Optional[str] = None, log: Callable[[str], None] = print,
+                  compile: Optional[str] = None) -> list[Result]:
     """Compare the candidates of `family` ("vit": Rev-ViT vs timm's ViT (+checkpointing) at each of `depths`;
     "mvit" / "mvit-video": Rev-MViT-B vs MViT-B, image / 16x4 video) on one random batch; `log` hears the
     progress and what was measured. Defaults: batch 4 / 2 / 1, img_size 224 (112 for video), device cuda
-    when available."""
+    when available. `compile`: a torch.compile backend ("inductor"): every candidate also runs with its
+    blocks compiled."""
     if family not in ("vit", "mvit", "mvit-video"):
         raise ValueError(f"family must be vit, mvit or mvit-video, got {family!r}")
     given = dict(batch_size=batch_size, img_size=img_size, num_frames=num_frames, steps=steps)
@@ -132,10 +144,13 @@ def run_benchmark(family: str = "vit", size: str = "small", depths: Sequence[int
     if family == "vit":
         for depth in depths:
             log(f"measuring depth {depth} ...")
-            results += compare(vit_candidates(size, depth, img_size), x, f"depth {depth}", steps)
+            candidates = vit_candidates(size, depth, img_size)
+            results += compare(compiled(candidates, compile) if compile else candidates, x, f"depth {depth}", steps)
     else:
         log(f"measuring {family} ...")
-        results += compare(mvit_candidates(video, img_size, num_frames), x, "x".join(map(str, shape[2:])), steps)
+        candidates = mvit_candidates(video, img_size, num_frames)
+        results += compare(compiled(candidates, compile) if compile else candidates, x, "x".join(map(str, shape[2:])),
+                           steps)
     log(f"\ninput {tuple(shape)}, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         "memory = peak activation bytes above parameters+grads")
     return results

@@ -76,7 +76,7 @@ from .replay import (
     stand_ins,
 )
 
-__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph", "set_chunking"]
+__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph"]
 
 BACKPROP_MODES = ("reversible", "parallel", "autograd")
 
@@ -194,14 +194,6 @@ class ReversibleStack(nn.Module):
         if param is None or x.dtype == param.dtype or x.element_size() >= param.element_size():
             return x
         return x.to(param.dtype)
-
-
-def set_chunking(module: nn.Module, chunk_bytes: Optional[int] = None) -> nn.Module:
-    """`ReversibleStack.set_chunking` on every reversible stack inside `module`; returns `module`."""
-    for m in module.modules():
-        if isinstance(m, ReversibleStack):
-            m.set_chunking(chunk_bytes)
-    return module
 
 
 def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
