@@ -49,6 +49,26 @@ def test_reversible_mode_recomputes_transitions_and_keeps_less_memory():
     assert recomputed < 0.75 * kept
 
 
+def test_transitions_recomputed_part_by_part_keep_less_memory_and_the_same_gradients():
+    from revvit.bench import measure_training_memory
+    torch.manual_seed(0)
+    model = timm.create_model("rev_mvit_base", img_size=96, embed_dim=8, drop_path_rate=0.1).set_backprop("reversible")
+    x = torch.randn(2, 3, 96, 96)
+    whole = measure_training_memory(model.set_chunking(0), x).peak_bytes
+    assert not any(s.nested for s in model.stages if isinstance(s, StageTransition))
+    grads = []
+    for chunking in (0, None):
+        model.set_chunking(chunking).zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        model(x).logsumexp(-1).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    parts = measure_training_memory(model.set_chunking(None), x).peak_bytes
+    assert all(s.nested for s in model.stages if isinstance(s, StageTransition))
+    assert parts < 0.7 * whole  # 0.6 at this size
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_eval_output_does_not_depend_on_backprop_mode():
     model = timm.create_model("rev_mvit_tiny_video").eval()
     x = torch.randn(CLIP)

@@ -75,6 +75,7 @@ class StageTransition(nn.Module):
         self.g = MlpBranch(spec.dim_out, cfg.mlp_ratio)
         self.drop_path = spec.drop_path
         self.recompute = True
+        self.nested = True
 
     def forward(self, x1: Tensor, x2: Tensor, grid: Optional[Grid] = None) -> Tensor:
         """`grid`: the input's token grid (None: the construction-time one); an argument, not state, so the
@@ -85,11 +86,25 @@ class StageTransition(nn.Module):
         return self._forward(x1, x2, grid)
 
     def _forward(self, x1: Tensor, x2: Tensor, grid: Grid) -> Tensor:
-        x = self.fuse(x1, x2)
-        res = x if self.res_proj is None else self.res_proj(x)
-        x = self.f.attn.pool_like_q(res, grid) + self.f(x, grid)
-        x = x + self.g(x)
+        x = self._in_part(self.fuse, x1, x2)
+        x = self._in_part(self._attend, x, grid)
+        x = self._in_part(self._mlp, x)
         return drop_path(x, self.drop_path, self.training)
+
+    def _attend(self, x: Tensor, grid: Grid) -> Tensor:
+        res = x if self.res_proj is None else self.res_proj(x)
+        return self.f.attn.pool_like_q(res, grid) + self.f(x, grid)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        return x + self.g(x)
+
+    def _in_part(self, fn, *args):
+        """fn(*args); in the recomputation of a recomputing transition, itself recomputed in its own backward
+        (nested checkpointing), so the backward holds one part's activations at a time (fusion, attention,
+        MLP), not the whole block's: a third of the transition's memory for one more forward of it."""
+        if self.recompute and self.nested and records_graph(self, *[a for a in args if isinstance(a, Tensor)]):
+            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+        return fn(*args)
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}, recompute={self.recompute}"

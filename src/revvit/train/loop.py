@@ -158,6 +158,8 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     model.to(d.device)
     if cfg.parallel == "fsdp" and d.enabled:
         shard_model(model)  # before the optimiser, which then holds (and keeps state for) the shards
+    elif cfg.parallel == "fsdp":
+        say("parallel=fsdp: one process, nothing to shard (start under torchrun to shard over processes)")
     say(describe_run(cfg, data, sum(p.numel() for p in model.parameters()), str(d.device), d.world_size, out_dir))
     if d.is_main:
         save_config(cfg, out_dir / "config.yaml")
