@@ -144,3 +144,25 @@ def test_backward_with_inputs_fills_only_the_named_parameters():
     two_stream_loss(stack(x, x)).backward(inputs=named)
     assert all(p.grad is not None for p in named)
     assert all(p.grad is None for p in stack.parameters() if all(p is not q for q in named))
+
+
+class Concatenated(torch.nn.Module):
+    def __init__(self, stack: ReversibleStack):
+        super().__init__()
+        self.stack = stack
+
+    def forward(self, x):
+        return torch.cat(self.stack(x, x), -1)
+
+
+def test_recomputed_linear_layers_add_weight_gradients_into_grad_without_a_weight_sized_temporary(monkeypatch):
+    # batch 1 and a few tokens: the MLP's weights (64 x 1024 floats = 256 KiB each) outweigh its activations
+    torch.manual_seed(0)
+    stack = ReversibleStack([ReversibleBlock(MlpBranch(64, 16.0), MlpBranch(64, 16.0)) for _ in range(2)])
+    model = Concatenated(stack)
+    x = torch.randn(1, 4, 64)
+    into_grad = measure_training_memory(model, x, loss_fn=lambda out, _: weighted_sum(out))
+    import revvit.layers.linear as linear
+    monkeypatch.setattr(linear, "gradient_buffer", lambda t: None)  # the ordinary path: autograd adds a new tensor
+    ordinary = measure_training_memory(model, x, loss_fn=lambda out, _: weighted_sum(out))
+    assert into_grad.peak_bytes <= ordinary.peak_bytes - 64 * 1024 * 4

@@ -1,11 +1,10 @@
 """Global multi-head self-attention through `scaled_dot_product_attention`, and Rev-ViT's F branch."""
 from __future__ import annotations
 
-from typing import Optional
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .linear import Linear, linear_parts
 
 
 def head_rows(part: int, parts: int, num_heads: int, head_dim: int) -> slice:
@@ -20,17 +19,14 @@ def head_rows(part: int, parts: int, num_heads: int, head_dim: int) -> slice:
 def linear_rows(layers: list[nn.Linear], x: Tensor, rows: list[slice]) -> list[Tensor]:
     """`[layer(x)[..., r] for layer, r in zip(layers, rows)]` as one matrix product over those weight rows
     only (one product: its gradient w.r.t. x is made once, not once per layer)."""
-    weight = torch.cat([layer.weight[r] for layer, r in zip(layers, rows)])
-    bias: Optional[Tensor] = None
-    if layers[0].bias is not None:
-        bias = torch.cat([layer.bias[r] for layer, r in zip(layers, rows)])
-    return list(F.linear(x, weight, bias).split([r.stop - r.start for r in rows], dim=-1))
+    out = linear_parts(x, [(layer.weight, layer.bias, r, slice(None)) for layer, r in zip(layers, rows)])
+    return list(out.split([r.stop - r.start for r in rows], dim=-1))
 
 
 def project_heads(proj: nn.Linear, x: Tensor, rows: slice) -> Tensor:
     """The share of `proj`'s output that comes from the input columns `rows` (the bias goes with the
     group that starts at column 0): summed over all groups it is `proj` of the concatenated heads."""
-    return F.linear(x, proj.weight[:, rows], proj.bias if rows.start == 0 else None)
+    return linear_parts(x, [(proj.weight, proj.bias if rows.start == 0 else None, slice(None), rows)])
 
 
 class Attention(nn.Module):
@@ -43,10 +39,10 @@ class Attention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.v = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.q = Linear(dim, dim, bias=qkv_bias)
+        self.k = Linear(dim, dim, bias=qkv_bias)
+        self.v = Linear(dim, dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.attn_drop = attn_drop
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 

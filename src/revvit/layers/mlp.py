@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from .linear import Linear
+
 
 class Mlp(nn.Module):
     """Linear(in, hidden) -> GELU -> Linear(hidden, out); (..., in) -> (..., out)."""
@@ -11,9 +13,9 @@ class Mlp(nn.Module):
                  drop: float = 0.0):
         super().__init__()
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.fc2 = Linear(hidden_features, out_features)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from timm.layers import to_3tuple
 from torch import Tensor, nn
 
 from .attention import head_rows, linear_rows, project_heads
+from .linear import Linear
 
 Grid = tuple[int, int, int]
 
@@ -73,12 +74,12 @@ class PoolingAttention(nn.Module):
         self.head_dim = hd = dim_out // num_heads
         self.separate_qkv = separate_qkv
         if separate_qkv:
-            self.q = nn.Linear(dim, dim_out, bias=qkv_bias)
-            self.k = nn.Linear(dim, dim_out, bias=qkv_bias)
-            self.v = nn.Linear(dim, dim_out, bias=qkv_bias)
+            self.q = Linear(dim, dim_out, bias=qkv_bias)
+            self.k = Linear(dim, dim_out, bias=qkv_bias)
+            self.v = Linear(dim, dim_out, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(dim, 3 * dim_out, bias=qkv_bias)
-        self.proj = nn.Linear(dim_out, dim_out)
+            self.qkv = Linear(dim, 3 * dim_out, bias=qkv_bias)
+        self.proj = Linear(dim_out, dim_out)
         self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
 
         self.kernel_q, self.stride_q = _triple(kernel_q), _triple(stride_q)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
 __all__ = ["RNGState", "AutocastState", "is_stochastic", "gradient_nodes", "outer_accumulates", "stand_ins",
-           "parameters_swapped", "backprop"]
+           "parameters_swapped", "backprop", "gradient_buffer"]
 
 
 @dataclass
@@ -115,8 +115,17 @@ def stand_ins(params: Sequence[Tensor], accumulate: Optional[list[bool]]) -> dic
                 p.grad = torch.zeros_like(p)
             alias = p.detach().requires_grad_(True)
             alias.grad = p.grad
+            alias.revvit_stand_in = True  # see `gradient_buffer`
             swap[id(p)] = alias
     return swap
+
+
+def gradient_buffer(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The `.grad` a layer may add `t`'s gradient into itself, in place (instead of handing autograd a new
+    tensor to add): set only for the engine's `stand_ins` during a recomputation. None otherwise."""
+    if t is None or not getattr(t, "revvit_stand_in", False):
+        return None
+    return t.grad
 
 
 @contextmanager
