@@ -47,8 +47,6 @@ def _use_count_of_one_tensor() -> int:
 
 
 SOLE_USE_COUNT = _use_count_of_one_tensor()
-_PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
-_AUTO_MIN_BYTES = 16 * 1024 ** 2
 
 
 def gather(total: Optional[Tensor], part: Optional[Tensor], piece, like: Tensor) -> Optional[Tensor]:
