@@ -159,9 +159,9 @@ class ReversibleStack(nn.Module):
         `fn.forward_part(x, k, n)`, e.g. attention over groups of heads) one part at a time. Each piece's
         activations are estimated as 16x its share of the input, and pieces are made so that this stays
         under `chunk_bytes`. None (default): automatic, two pieces (the cheap half of the saving: Rev-ViT-S
-        6.02 -> 4.59 MB per image at about the same step time), and no splitting when a whole recomputation
+        5.46 -> 4.17 MB per image at about the same step time), and no splitting when a whole recomputation
         is below 16 MiB (it would only cost time). 0: never split. A small budget (e.g. 1) splits as far as
-        F and G allow: least memory (3.16 MB per image), slower steps.
+        F and G allow: least memory (3.09 MB per image), slower steps.
         Functions that draw random numbers (dropout) are never split. The forward computes in the same
         pieces. The gradients are the same either way (up to rounding).
         """
