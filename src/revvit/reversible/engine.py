@@ -215,9 +215,8 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
             x1, x2 = block(x1, x2, run=partial(tape.forward_block, block))
         else:
             x1, x2 = tape.forward_block(block, x1, x2)
-    streams = [x1, x2]
-    tape.end_forward(streams)
-    return streams[0], streams[1]
+    tape.end_forward([x1, x2])
+    return x1, x2
 
 
 def _drop(x: Tensor, mask: Optional[Tensor]) -> Tensor:
