@@ -118,9 +118,9 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     per_rank = cfg.batch_size // d.world_size
     if (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
         raise TrainError(f"mixup/cutmix need an even batch per process, got {per_rank}")
-    if cfg.parallel == "fsdp" and d.enabled and (cfg.ema or cfg.memory_table):
-        raise TrainError(f"parallel=fsdp does not support {'ema' if cfg.ema else 'memory_table'}=true yet "
-                         "(it needs the whole model on one process): use parallel=ddp, or turn it off")
+    if cfg.parallel == "fsdp" and d.enabled and cfg.ema:
+        raise TrainError("parallel=fsdp does not support ema=true yet (the average needs the whole model on one "
+                         "process): use parallel=ddp, or ema=false")
     if not resume and ckpt.list_checkpoints(out_dir):  # every rank checks, so all stop together
         raise TrainError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
                          "or choose another --output")
@@ -379,7 +379,9 @@ def finish(run: Run) -> dict:
                "wall_time_s": round(time.perf_counter() - run.t_start, 1), "skipped_files": skipped_files(run),
                "output": str(run.out_dir)}
     summary["skipped_count"] = len(summary["skipped_files"])
-    if cfg.memory_table:
+    if cfg.memory_table and is_sharded(run.model):
+        run.say("memory table skipped: it measures the whole model in one process (run it without parallel=fsdp)")
+    elif cfg.memory_table:
         summary["memory"] = memory_table(run.model, run.data.train, run.d.device, run.say)
     summary["wall_time_s"] = round(time.perf_counter() - run.t_start, 1)
     atomic_write(run.out_dir / "summary.json", lambda f: f.write(json.dumps(summary, indent=1).encode()))
