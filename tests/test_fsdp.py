@@ -152,3 +152,24 @@ def _refused(rank: int, port: int, overrides: list, out: str) -> None:
         if rank == 0:
             with open(out + ".error", "w") as f:
                 f.write(str(e))
+
+
+def _lockstep_with_an_empty_rank(rank: int, port: int, out: str) -> None:
+    from revvit.train.evaluate import _in_lockstep
+
+    _join(rank, port)
+    loader = [(torch.zeros(1), torch.zeros(1))] * (3 if rank == 0 else 0)
+    try:
+        list(_in_lockstep(loader, torch.device("cpu")))
+        said = "no error"
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        said = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(said)
+    dist.destroy_process_group()
+
+
+def test_lockstep_evaluation_stops_every_rank_when_one_has_no_batch(tmp_path):
+    _spawn(_lockstep_with_an_empty_rank, str(tmp_path / "said"))
+    for rank in (0, 1):
+        assert "no validation batch" in (tmp_path / f"said.{rank}").read_text()

@@ -4,8 +4,9 @@ A linear layer's weight gradient is a whole weight-sized tensor (Rev-ViT-L's MLP
 batch, then added to `.grad`; at a small batch it outweighs the activations. While the reversible engine
 recomputes F or G, the parameters are its stand-ins (`reversible.replay.stand_ins`), whose `.grad` is the
 parameter's: these layers then add `dY^T X` into (the rows and columns they use of) `.grad` in place, with
-one `addmm_`, and no weight-sized gradient is ever made. Everywhere else (plain autograd, DDP, FSDP's
-gathered parameters, `torch.autograd.grad`, autocast, torch.compile) they are `F.linear`.
+one `addmm_`, and no weight-sized gradient is ever made (under FSDP2 into the gathered parameters'
+`.grad`, which FSDP then reduce-scatters). Everywhere else (plain autograd, DDP's forward, frozen
+parameters, `torch.autograd.grad`, autocast, torch.compile) they are `F.linear`.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import nn
 
 from .engine import ReversibleBlock, ReversibleStack
@@ -20,7 +21,8 @@ def set_chunking(module: nn.Module, chunk_bytes: Optional[int] = None) -> nn.Mod
 
 def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> nn.Module:
     """Regional compilation: `torch.compile` the F and G of every reversible block inside `module` (in
-    place, `nn.Module.compile`), and every other block of a `blocks` list (e.g. a non-reversible twin's).
+    place, `nn.Module.compile`; also `forward_part`, which a split recomputation calls), and every other
+    block of a `blocks` list (e.g. a non-reversible twin's).
 
     This is the way to compile a reversible model: the engine itself runs eagerly (it is one graph break
     whatever the depth), while each forward, recomputation and backward of F and G runs compiled. Blocks
@@ -33,6 +35,8 @@ def compile_blocks(module: nn.Module, **compile_kwargs: Any) -> nn.Module:
             for fn in (m.f, m.g):
                 if id(fn) not in compiled:
                     fn.compile(**compile_kwargs)
+                    if hasattr(fn, "forward_part"):  # the pieces of a split recomputation (and forward)
+                        fn.forward_part = torch.compile(fn.forward_part, **compile_kwargs)
                     compiled.add(id(fn))
         elif isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] == "blocks":
             for block in m:

@@ -64,18 +64,20 @@ def evaluate(model: nn.Module, loader, device: torch.device, amp: Optional[str] 
 
 def _in_lockstep(loader, device: torch.device) -> Iterator[tuple[Tensor, Tensor, bool]]:
     """(x, y, counted) for every batch of `loader`, then the first batch again (not counted) until this rank
-    has run as many as the busiest rank."""
-    most = torch.tensor([len(loader)], device=device)
+    has run as many as the busiest rank. Every rank learns the fewest and the most batches first, so a
+    rank without any batch stops them all together (before any forward waits on it)."""
+    counts = torch.tensor([len(loader), -len(loader)], device=device)
     if dist.is_initialized():
-        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    most, fewest = int(counts[0]), -int(counts[1])
+    if fewest == 0 and most > 0:
+        raise TrainError("a process has no validation batch while another has: with parallel=fsdp every process "
+                         "needs at least one (more validation samples than processes)")
     first = None
     for x, y in loader:
         first = (x, y) if first is None else first
         yield x, y, True
-    for _ in range(int(most.item()) - len(loader)):
-        if first is None:
-            raise RuntimeError("a process has no validation batch while another has: with parallel=fsdp every "
-                               "process needs at least one (more validation samples than processes)")
+    for _ in range(most - len(loader)):
         yield first[0], first[1], False
 
 

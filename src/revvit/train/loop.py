@@ -221,7 +221,8 @@ def connect(run: Run, resume: bool) -> None:
 
 
 def save_checkpoint(run: Run, is_best: bool = False) -> None:
-    """ckpt_<step>.pt (and best.pt) with every state and every rank's RNGs; written by rank 0."""
+    """ckpt_<step>.pt (and best.pt) with every state and every rank's RNGs; written by rank 0. If rank 0
+    cannot write it (full disk, non-finite weights), every rank stops, not only rank 0."""
     d, st = run.d, run.state
     rngs = [ckpt.rng_state()]
     if d.enabled:
@@ -230,17 +231,25 @@ def save_checkpoint(run: Run, is_best: bool = False) -> None:
     sharded = is_sharded(run.model)  # the full states are gathered to rank 0 (every rank takes part)
     model_state = full_model_state(run.model) if sharded else None
     optimizer_state = full_optimizer_state(run.model, run.optimizer) if sharded else None
-    if not d.is_main:
-        return
-    state = dict(model=model_state if sharded else run.model.state_dict(), model_name=run.cfg.model,
-                 model_kwargs=run.model_kwargs, optimizer=optimizer_state if sharded else run.optimizer.state_dict(),
-                 scheduler=run.scheduler.state_dict(),
-                 scaler=run.scaler.state_dict(), ema=run.ema.state_dict() if run.ema is not None else None,
-                 epoch=st.epoch, batches_done=st.batches_done, global_step=st.global_step, best_top1=st.best_top1,
-                 history=st.history, epoch_loss=st.epoch_loss, config=run.cfg.to_dict(), rng=rngs,
-                 class_names=list(run.data.class_names),
-                 world_size=d.world_size)
-    ckpt.save_checkpoint(state, run.out_dir, st.global_step, run.cfg.keep_last, is_best)
+    failure = None
+    if d.is_main:
+        state = dict(model=model_state if sharded else run.model.state_dict(), model_name=run.cfg.model,
+                     model_kwargs=run.model_kwargs,
+                     optimizer=optimizer_state if sharded else run.optimizer.state_dict(),
+                     scheduler=run.scheduler.state_dict(), scaler=run.scaler.state_dict(),
+                     ema=run.ema.state_dict() if run.ema is not None else None, epoch=st.epoch,
+                     batches_done=st.batches_done, global_step=st.global_step, best_top1=st.best_top1,
+                     history=st.history, epoch_loss=st.epoch_loss, config=run.cfg.to_dict(), rng=rngs,
+                     class_names=list(run.data.class_names), world_size=d.world_size)
+        try:
+            ckpt.save_checkpoint(state, run.out_dir, st.global_step, run.cfg.keep_last, is_best)
+        except Exception as e:  # noqa: BLE001 - said to the other ranks, then raised as it was
+            failure = e
+    if d.enabled and all_reduce_sum([float(failure is not None)], d.device)[0] and failure is None:
+        raise TrainError(f"rank 0 could not write the checkpoint of step {st.global_step} (its message says why); "
+                         "every process stops")
+    if failure is not None:
+        raise failure
 
 
 def epoch_loader(run: Run, generator: torch.Generator) -> DataLoader:
