@@ -38,12 +38,10 @@ def test_compiled_model_gets_the_eager_gradients(backend):
 REVERSIBLE = [n for n in NAMES if hasattr(small(n), "set_chunking")]
 
 
-@pytest.mark.parametrize("name", REVERSIBLE)
-def test_compiled_blocks_give_the_eager_gradients(name):
-    # Regional compilation (F and G compiled, the engine eager), with drop path and chunked recomputation
+def _compiled_matches_eager(name: str, chunk_bytes: int) -> None:
     torch._dynamo.reset()
-    eager = small(name, num_classes=5, drop_path_rate=0.2).double().set_chunking(1)
-    model = compile_blocks(small(name, num_classes=5, drop_path_rate=0.2).double().set_chunking(1),
+    eager = small(name, num_classes=5, drop_path_rate=0.2).double().set_chunking(chunk_bytes)
+    model = compile_blocks(small(name, num_classes=5, drop_path_rate=0.2).double().set_chunking(chunk_bytes),
                            backend="aot_eager")
     x = example_input(eager).double()
     for m in (eager, model):
@@ -51,6 +49,20 @@ def test_compiled_blocks_give_the_eager_gradients(name):
         weighted_sum(m(x)).backward()
     for (n, p), q in zip(eager.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("name", REVERSIBLE)
+def test_compiled_blocks_give_the_eager_gradients(name):
+    # Regional compilation (F and G compiled, the engine eager), with drop path, recomputations whole
+    _compiled_matches_eager(name, 0)
+
+
+@pytest.mark.parametrize("name", [n for n in REVERSIBLE if n.startswith("rev_vit")][:1] + [
+    pytest.param(n, marks=pytest.mark.slow) for n in REVERSIBLE if not n.startswith("rev_vit")][:1])
+def test_compiled_head_group_pieces_give_the_eager_gradients(name):
+    # The finest split: F's head groups go through the compiled `forward_part`, G's token slices through
+    # the compiled forward (slow for Rev-MViT: dynamo compiles many pooling-attention variants)
+    _compiled_matches_eager(name, 1)
 
 
 def test_compiled_blocks_compile_once_whatever_the_depth():
