@@ -10,7 +10,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
@@ -23,25 +22,24 @@ from revvit.train import checkpoint as ckpt
 from revvit.train import fit
 from revvit.train.sharding import local_value, shard_model, shard_units
 from test_models import NAMES, example_input, small
-from test_train import tiny
+from test_train import _free_port, tiny
 
 REVERSIBLE = [n for n in NAMES if hasattr(small(n), "set_chunking")]
 CASES = [("reversible", 0), ("reversible", 1), ("parallel", None)]  # (backprop, chunk_bytes: 0 off, 1 finest)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(fn, *args) -> None:
     mp.start_processes(fn, args=(_free_port(), *args), nprocs=2, start_method="spawn", join=True)
 
 
-def _join(rank: int, port: int) -> None:
+def _torchrun_env(rank: int, port: int) -> None:
+    """What torchrun sets for rank `rank` of 2."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
+
+
+def _join(rank: int, port: int) -> None:
+    _torchrun_env(rank, port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
 
 
@@ -94,8 +92,7 @@ def test_fsdp2_gradients_equal_the_unsharded_model_for_every_reversible_model(tm
 
 
 def _train(rank: int, port: int, overrides: list, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    _torchrun_env(rank, port)
     fit(tiny(*overrides), out, resume=os.path.isdir(out))
 
 

@@ -46,6 +46,7 @@ from .sharding import (
     full_model_state,
     full_optimizer_state,
     is_sharded,
+    keyed_by_name,
     load_full_model_state,
     load_full_optimizer_state,
     local_value,
@@ -190,7 +191,7 @@ def resume_or_seed(run: Run, resume: bool) -> None:
     sharded = is_sharded(run.model)
     ckpt.load_model_state(run.model, state, path, run.cfg.model, run.model_kwargs,
                           load_full_model_state if sharded else None)
-    if sharded or isinstance(next(iter(state["optimizer"]["state"]), 0), str):  # fsdp's: keyed by name
+    if sharded or keyed_by_name(state["optimizer"]):
         load_full_optimizer_state(run.model, run.optimizer, state["optimizer"])
     else:
         run.optimizer.load_state_dict(state["optimizer"])

@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from ..reversible import ReversibleBlock, ReversibleStack
 
 __all__ = ["shard_units", "shard_model", "is_sharded", "full_model_state", "full_optimizer_state",
-           "load_full_model_state", "load_full_optimizer_state", "local_value"]
+           "load_full_model_state", "load_full_optimizer_state", "local_value", "keyed_by_name"]
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -74,10 +74,16 @@ def load_full_model_state(model: nn.Module, state: dict) -> None:
 def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load an optimiser state into the shards: keyed by parameter name (written under fsdp) or by
     position (written by `optimizer.state_dict()` under ddp or one process)."""
-    if state["param_groups"] and state["param_groups"][0]["params"] and \
-            not isinstance(state["param_groups"][0]["params"][0], str):
+    if not keyed_by_name(state):
         state = _by_name(model, optimizer, state)
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def keyed_by_name(state: dict) -> bool:
+    """Whether an optimiser state names its parameters (fsdp's checkpoints) rather than numbering them
+    (`optimizer.state_dict()`); an empty state counts as numbered."""
+    first = next((p for g in state["param_groups"] for p in g["params"]), 0)
+    return isinstance(first, str)
 
 
 def _by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
