@@ -468,6 +468,7 @@ class _CouplingFunction(torch.autograd.Function):
             del fn_b, leaf
             d_b = chunks.gather(d_b, d_leaf, piece, b)
             d_params = d_piece_params if d_params is None else list(map(chunks.add, d_params, d_piece_params))
+            del d_leaf, d_piece_params  # not alive during the next piece's recomputation
         tape.finish_rebuild(index)
         tape.end_gradients(index)
         if tape.on_side_stream:  # made by backward ops on the side stream, used from here on the caller's
