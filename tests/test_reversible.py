@@ -1,11 +1,13 @@
 """The reversible engine: gradients equal plain autograd, randomness replays, memory stays flat in depth."""
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
 
 from helpers import assert_reversible_matches_autograd, weighted_sum
 from revvit.bench import StorageMeter, measure_training_memory
-from revvit.reversible import ReversibleBlock, ReversibleStack
+from revvit.reversible import ReversibleBlock, ReversibleStack, join_streams
 
 
 class Branch(nn.Module):
@@ -282,3 +284,51 @@ def test_flop_counter_counts_a_reversible_step_as_autograd_plus_one_forward(mode
 
     forward = flops("autograd", backward=False)
     assert forward > 0 and flops(mode) == flops("autograd") + forward
+
+
+HEADS = {
+    "own buffers": lambda y1, y2: join_streams(y1, y2).sin().sum(),
+    "halves of one buffer": lambda y1, y2: torch.cat([y1, y2], -1).sin().sum(),
+    "one buffer for both": lambda y1, y2: (y1 + y2).sin().sum(),
+    "a stream unused": lambda y1, y2: y2.sin().sum(),
+}
+
+
+def keep(store: list, grad) -> None:
+    if grad is not None:  # (an output that reached no loss)
+        store.append((grad, grad.clone()))  # the tensor the hook was given, and its value then
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("mode", MODES)
+def test_gradients_a_hook_keeps_are_not_changed_by_the_backward(mode, head):
+    """The backward turns the gradients it is handed into its input gradients in place, but never ones
+    someone else holds: a hook on the stack's output that keeps its gradient finds it unchanged."""
+    stack = make_stack(3)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    grads = {}
+    for m in (mode, "autograd"):
+        stack.set_backprop(m)
+        stack.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(2)
+        y1, y2 = stack(x, x)
+        kept: list = []
+        for y in (y1, y2):
+            y.register_hook(partial(keep, kept))
+        HEADS[head](y1, y2).backward()
+        assert kept and all(torch.equal(g, value) for g, value in kept)
+        grads[m] = [x.grad] + [p.grad for p in stack.parameters() if p.grad is not None]
+    assert rel_error(grads[mode], grads["autograd"]) < 1e-10
+
+
+def test_join_streams_is_a_concatenation_whose_halves_get_gradient_buffers_of_their_own():
+    y1, y2 = (torch.randn(2, 3, 4, requires_grad=True) for _ in range(2))
+    seen = []
+    for y in (y1, y2):
+        y.register_hook(seen.append)
+    joined = join_streams(y1, y2)
+    assert torch.equal(joined, torch.cat([y1, y2], -1))
+    joined.square().sum().backward()
+    assert all(g._base is None and g.is_contiguous() for g in seen)
+    assert seen[0].untyped_storage().data_ptr() != seen[1].untyped_storage().data_ptr()

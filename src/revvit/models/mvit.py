@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Grid, MlpBranch, PatchEmbed3d, PoolingAttentionBranch, TokenClassifierMixin, resample_pos_embed
-from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, set_chunking
+from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, join_streams, set_chunking
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 from .mvit_blocks import GridBlock, MViTBlock, StageTransition, StreamFusion, attention_options
 from .mvit_layout import LayerSpec, MViTConfig, layer_layout
@@ -217,10 +217,10 @@ class RevMViT(_MultiscaleBase):
             done += len(stage)
             last = specs[done - 1]
             if last.stage_end and last.stage in take:
-                maps[last.stage] = torch.cat([x1, x2], dim=-1)
+                maps[last.stage] = join_streams(x1, x2)
             if last.stage_end and last.stage == stop:
                 break
-        return torch.cat([x1, x2], dim=-1), maps
+        return join_streams(x1, x2), maps
 
     def set_backprop(self, mode: str) -> "RevMViT":
         """"reversible": reversible runs rebuild their activations from their outputs and the transitions

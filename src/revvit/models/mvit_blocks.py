@@ -5,13 +5,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import torch
 from timm.layers import DropPath, drop_path
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import Grid, Mlp, MlpBranch, PoolingAttention, PoolingAttentionBranch
-from ..reversible import ReversibleBlock, records_graph
+from ..reversible import ReversibleBlock, join_streams, records_graph
 from .mvit_layout import LayerSpec, MViTConfig, parse_fusion
 
 __all__ = ["StreamFusion", "StageTransition", "GridBlock", "MViTBlock"]
@@ -41,8 +40,8 @@ class StreamFusion(nn.Module):
 
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
         if self.mlp is None:
-            return (x1 + x2) / 2
-        x = torch.cat([x1, x2], dim=-1)
+            return x1 * 0.5 + x2 * 0.5  # = (x1 + x2) / 2 exactly, each stream's gradient its own buffer
+        x = join_streams(x1, x2)
         return x + self.mlp(x)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin, resample_pos_embed
-from ..reversible import ReversibleBlock, ReversibleStack, set_chunking
+from ..reversible import ReversibleBlock, ReversibleStack, join_streams, set_chunking
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 
 __all__ = ["RevViTConfig", "RevViT", "official_to_revvit", "checkpoint_filter_fn"]
@@ -110,7 +110,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
         """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
         x, _ = self._embed(x)
         y1, y2 = self.stack(x, x)
-        return self.norm(torch.cat([y1, y2], dim=-1))
+        return self.norm(join_streams(y1, y2))
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -129,7 +129,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
         for index in sorted(take):  # a segment ends at every taken block
             x1, x2 = self.stack(x1, x2, start, index + 1)
             start = index + 1
-            y = torch.cat([x1, x2], dim=-1)
+            y = join_streams(x1, x2)
             maps.append(self.norm(y) if norm else y)
         if start < stop:
             x1, x2 = self.stack(x1, x2, start, stop)
@@ -137,7 +137,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
             maps = [y.transpose(1, 2).reshape(y.shape[0], -1, h, w) for y in maps]
         if intermediates_only:
             return maps
-        return self.norm(torch.cat([x1, x2], dim=-1)), maps
+        return self.norm(join_streams(x1, x2)), maps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -28,12 +28,13 @@ How the code does it
     stream[t] <- stream[t] + DropPath(fn(stream[1 - t]))      (fn, t) = (F, 0) for (1), then (G, 1) for (2)
 
 `ReversibleBlock.couplings` defines that order once; the block's plain forward and the stack's
-reversible forward both follow it. Each coupling is one autograd Function, `_CouplingFunction`, whose
-inputs include fn's parameters and which saves no tensor. Its backward is one half of (5) or (6):
-recompute fn with a graph, back-propagate d stream[t] through it, rebuild the coupling's input. Autograd
-calls these backwards in reverse order and adds the identity path (d stream[t] passes through
-unchanged) for us. What they share lives on the forward call's `_Tape`: the stack's input, one record
-per coupling, and the two streams as they stand after the couplings not yet walked back.
+reversible forward both follow it. Each block is one autograd Function, `_BlockFunction`, whose inputs
+include F's and G's parameters and which saves no tensor. Its backward is (5) then (6), each by
+`_walk_back`: recompute fn with a graph, rebuild the coupling's input, back-propagate d stream[t] through
+fn and add the result into d stream[1 - t] *in place* (dX1 = dY1 and dY2's identity part need no work),
+so (dY1, dY2) become (dX1, dX2) in the same two buffers. What the blocks share lives on the forward
+call's `_Tape`: the stack's input, one record per coupling, and the two streams as they stand after the
+couplings not yet walked back.
 
 Guarantees (each checked by tests/test_reversible.py):
 
@@ -45,13 +46,12 @@ Guarantees (each checked by tests/test_reversible.py):
   reproducible from `torch.manual_seed` and two forwards before one backward each replay their own draws.
 * The forward's autocast state is re-entered for the recomputation; under autocast the streams stay in
   the parameters' precision (F and G compute in low precision, the sums and their inversion do not).
-* The stack's input is kept, so the first block runs on its exact input rather than a reconstruction
-  (a LayerNorm there would amplify a rounding error on an all-zero input, e.g. a dropped stage).
+* The stack's input is kept: the first block runs on its exact input, not a reconstruction (a LayerNorm
+  there would amplify a rounding error on an all-zero input, e.g. a dropped stage).
 
-Modes (`ReversibleStack.set_backprop`): "reversible" (the above), "parallel" (the same, with the
-recomputation of the coupling below overlapping the gradients of the current one on two alternating
-CUDA streams, PaReprop's schedule; on CPU it runs in order and is identical to "reversible"), and
-"autograd" (ordinary backprop keeping every activation: the reference and baseline).
+Modes (`ReversibleStack.set_backprop`): "reversible" (the above), "parallel" (the same, the coupling
+below recomputing on a side CUDA stream while the current one back-propagates: PaReprop's schedule; on
+CPU identical to "reversible"), "autograd" (ordinary backprop keeping every activation: the reference).
 """
 from __future__ import annotations
 
@@ -64,12 +64,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import buffers
 from . import pieces as chunks
+from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
     RNGState,
     backprop,
     gradient_nodes,
+    gradient_root,
     is_stochastic,
     outer_accumulates,
     parameters_swapped,
@@ -159,9 +162,9 @@ class ReversibleStack(nn.Module):
         `fn.forward_part(x, k, n)`, e.g. attention over groups of heads) one part at a time. Each piece's
         activations are estimated as 16x its share of the input, and pieces are made so that this stays
         under `chunk_bytes`. None (default): automatic, two pieces (the cheap half of the saving: Rev-ViT-S
-        5.46 -> 4.17 MB per image at about the same step time), and no splitting when a whole recomputation
+        5.17 -> 3.59 MB per image at about the same step time), and no splitting when a whole recomputation
         is below 16 MiB (it would only cost time). 0: never split. A small budget (e.g. 1) splits as far as
-        F and G allow: least memory (3.09 MB per image), slower steps.
+        F and G allow: least memory (2.59 MB per image, as 4 MiB pieces, which cost less time), slower steps.
         Functions that draw random numbers (dropout) are never split. The forward computes in the same
         pieces. The gradients are the same either way (up to rounding).
         """
@@ -250,27 +253,40 @@ class _Tape:
         self.parallel = parallel
         self.chunk_bytes = chunk_bytes
         self.owns_streams = False
-        self.pending: dict[int, tuple[Tensor, Tensor, list[Tensor], Optional[torch.cuda.Event]]] = {}
+        self.pending: dict[int, Pending] = {}
         self.on_side_stream = False  # the coupling being walked back was recomputed on a side stream
         self.plans: dict[int, tuple[Optional[list[bool]], dict[int, Tensor]]] = {}
+        self.handed: Optional[buffers.Handed] = None  # the input gradients the last block walked back returned
 
     # forward
     def forward_block(self, block: ReversibleBlock, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor]:
-        """(1) then (2), each coupling recorded; the block's drop-path mask drawn first, as in its forward."""
-        streams, mask = [x1, x2], block.sample_mask(x1)
-        for fn, t in block.couplings():
-            streams[t] = self.couple(block, fn, t, mask, streams[t], streams[1 - t])
-        return streams[0], streams[1]
+        """(1) then (2) as one `_BlockFunction`, each coupling recorded; the block's drop-path mask drawn first,
+        as in its plain forward. fn's trainable parameters are inputs of the Function."""
+        mask, index, params = block.sample_mask(x1), len(self.records), []
+        for fn, target in block.couplings():
+            first = all(r.target != target for r in self.records)
+            fn_params = [p for p in fn.parameters() if p.requires_grad]
+            self.records.append(_Record(block, fn, target, first, mask, None, AutocastState.capture(x1.device),
+                                        _sharded(block), fn_params, gradient_nodes(fn_params)))
+            params += fn_params
+        return _BlockFunction.apply(x1, x2, self, index, len(self.records) - index, *params)
 
-    def couple(self, block: nn.Module, fn, target: int, mask: Optional[Tensor], a: Tensor, b: Tensor) -> Tensor:
-        """Record a coupling (its random state taken just before fn runs, if fn is random at all) and apply
-        it: a + DropPath(fn(b))."""
-        rng = RNGState.capture(b.device) if is_stochastic(fn) else None
-        first = all(r.target != target for r in self.records)
-        params = [p for p in fn.parameters() if p.requires_grad]
-        self.records.append(_Record(block, fn, target, first, mask, rng, AutocastState.capture(b.device),
-                                    _sharded(block), params, gradient_nodes(params)))
-        return _CouplingFunction.apply(a, b, self, len(self.records) - 1, *params)
+    def couple(self, index: int, a: Tensor, b: Tensor) -> Tensor:
+        """Apply coupling `index`, a + DropPath(fn(b)), without a graph, in the same pieces as its backward
+        (at most one piece's activations at a time); its random state is taken just before fn runs, if fn
+        is random at all."""
+        r = self.records[index]
+        r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
+        pieces = self.pieces(index, b)
+        if pieces == [None]:
+            return a + r.call(b, replay=False)[0]
+        out = a.clone()
+        for piece in pieces:
+            if isinstance(piece, slice):
+                out[:, piece] += r.call(b[:, piece], replay=False)[0]
+            else:
+                out += r.call(b, piece, replay=False)[0]
+        return out
 
     def end_forward(self, streams: list[Tensor]) -> None:
         self.streams, self.top = [s.detach() for s in streams], len(self.records) - 1
@@ -358,38 +374,11 @@ class _Tape:
 
     def prefetch(self, index: int) -> None:
         """"parallel": start recomputing coupling `index` (the one below) now, while the caller runs the
-        gradients of the coupling above. On CUDA it runs on side stream `index % 2`: the graph's backward
-        then runs there too (autograd runs a backward op on its forward op's stream), so recomputation and
-        gradients of neighbouring couplings overlap on two alternating streams. On CPU it runs in order."""
-        if index < 0 or index in self.pending:
-            return
-        r = self.records[index]
-        source = self.streams[1 - r.target]
-        if source.device.type != "cuda":
-            leaf = source.detach().requires_grad_(True)
-            with torch.enable_grad():
-                self.pending[index] = (leaf, *r.call(leaf, swap=self.gradient_plan(index)[1]), None)
-            return
-        main, side = torch.cuda.current_stream(source.device), _side_streams(source.device)[index % 2]
-        side.wait_stream(main)  # the streams were rebuilt on the main stream
-        with torch.cuda.stream(side), torch.enable_grad():
-            leaf = source.detach().requires_grad_(True)
-            out, params = r.call(leaf, swap=self.gradient_plan(index)[1])
-            ready = torch.cuda.Event()
-            ready.record(side)
-        source.record_stream(side)  # freed on the host while the side stream may still read it
-        out.record_stream(main)  # made on the side stream, read on the main one by the rebuild
-        self.pending[index] = (leaf, out, params, ready)
-
-
-_SIDE_STREAMS: dict[torch.device, tuple[torch.cuda.Stream, torch.cuda.Stream]] = {}
-
-
-def _side_streams(device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
-    """The two side streams of "parallel" on `device`, made once and owned by the engine."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
-    return _SIDE_STREAMS[device]
+        gradients of the coupling above (on CUDA on a side stream, see `parallel.recompute_ahead`)."""
+        if index >= 0 and index not in self.pending:
+            r = self.records[index]
+            self.pending[index] = recompute_ahead(r.call, self.streams[1 - r.target], index,
+                                                  self.gradient_plan(index)[1])
 
 
 @dataclass
@@ -426,58 +415,75 @@ class _Record:
         return _drop(y, self.mask), params
 
 
-# -- the backward, one coupling at a time -----------------------------------------------------------
+# -- the backward, one block at a time --------------------------------------------------------------
 
-class _CouplingFunction(torch.autograd.Function):
-    """out = a + DropPath(fn(b)), run without a graph. Its backward is one half of (5) or (6)."""
+class _BlockFunction(torch.autograd.Function):
+    """(Y1, Y2) = the block's couplings (1) and (2) applied to (X1, X2), run without a graph.
 
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, tape: _Tape, index: int, *params: Tensor) -> Tensor:
-        ctx.tape, ctx.index, ctx.params = tape, index, params
-        r = tape.records[index]
-        pieces = tape.pieces(index, b)
-        if pieces == [None]:
-            return a + r.call(b, replay=False)[0]
-        out = a.clone()  # the same pieces as the backward's: at most one piece's activations at a time
-        for piece in pieces:
-            if isinstance(piece, slice):
-                out[:, piece] += r.call(b[:, piece], replay=False)[0]
-            else:
-                out += r.call(b, piece, replay=False)[0]
-        return out
+    Its backward is (5) then (6): it walks the block's couplings back from the last, and adds each input
+    gradient into the other stream's gradient *in place*, so a block's backward allocates no stream-sized
+    gradient beyond the two it was handed: (dY1, dY2) become (dX1, dX2)."""
 
     @staticmethod
-    def backward(ctx, d_out: Tensor):
-        tape, index = ctx.tape, ctx.index
-        tape.streams_after(index)  # (..., Y) as this coupling left them; b = the stream fn read
-        # None: autograd.grad is running and wants the parameter gradients back
-        accumulate = tape.gradient_plan(index)[0]
-        d_b, d_params = None, None
-        b = tape.streams[1 - tape.records[index].target]
-        for piece in tape.pieces(index, b):  # the whole of fn, token slices, or summands
-            # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
-            leaf, fn_b, params = tape.recompute_piece(index, piece)
-            # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
-            tape.rebuild_input(index, piece, fn_b.detach())
-            if tape.parallel:
-                tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
-            # back-propagate: d b += (d fn/d b)^T d out (dY1 in (5), dX2 in (6)); d W_fn = (d fn/d W)^T d out,
-            # added to .grad as it is made (or handed back under autograd.grad)
-            d = d_out if not isinstance(piece, slice) else d_out[:, piece]
-            d_leaf, d_piece_params = backprop(fn_b, leaf, d, params, accumulate)
-            del fn_b, leaf
-            d_b = chunks.gather(d_b, d_leaf, piece, b)
-            d_params = d_piece_params if d_params is None else list(map(chunks.add, d_params, d_piece_params))
-            del d_leaf, d_piece_params  # not alive during the next piece's recomputation
-        tape.finish_rebuild(index)
-        tape.end_gradients(index)
-        if tape.on_side_stream:  # made by backward ops on the side stream, used from here on the caller's
-            main = torch.cuda.current_stream(d_out.device)
-            for g in (d_b, *d_params):
-                if g is not None:
-                    g.record_stream(main)
-        # the target stream's gradient passes unchanged (dX1 = dY1, dX2's identity part): autograd adds it.
-        # A view of a larger gradient (both streams' gradients as halves of one buffer, as a head that
-        # concatenates the streams makes them) is copied out, so the buffer is freed with the other half
-        passthrough = d_out if d_out._base is None or tape.parallel else d_out.clone()
-        return (passthrough, d_b, None, None, *d_params)
+    def forward(ctx, x1: Tensor, x2: Tensor, tape: _Tape, index: int, count: int, *params: Tensor):
+        ctx.tape, ctx.index, ctx.count = tape, index, count
+        ctx.set_materialize_grads(False)  # an output that reached no loss gets None, and its fn no gradient
+        streams = [x1, x2]
+        for i in range(index, index + count):
+            t = tape.records[i].target
+            streams[t] = tape.couple(i, streams[t], streams[1 - t])
+        return streams[0], streams[1]
+
+    @staticmethod
+    def backward(ctx, d_y1: Tensor, d_y2: Tensor):
+        tape = ctx.tape
+        refs = buffers.python_refs(d_y1, d_y2)  # first: before anything else refers to them
+        grads = buffers.take([d_y1, d_y2], refs, tape.handed)  # [dY1, dY2], to become [dX1, dX2] in place
+        tape.handed = buffers.hand_down(grads)  # the block below receives these very buffers
+        d_params: list = []
+        for index in reversed(range(ctx.index, ctx.index + ctx.count)):  # G's coupling (5), then F's (6)
+            d_params = _walk_back(tape, index, grads) + d_params
+        return grads[0], grads[1], None, None, None, *d_params
+
+
+def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Tensor]]:
+    """Walk coupling `index`, stream[t] = stream[t] + DropPath(fn(stream[1-t])), back: one half of (5) or (6).
+
+    With (t, fn) = (1, G), this is (5): given Y1, Y2 and dY1, dY2 it rebuilds X2 and makes dY1 the total
+    gradient of Y1; with (0, F), (6): given X2, Y1 and dY1, dX2's identity part dY2, it rebuilds X1 and
+    completes dX2. d stream[t] itself passes unchanged (dX1 = dY1; dY2 is dX2's identity part). Returns
+    fn's parameter gradients (all None where they went into `.grad`)."""
+    r = tape.records[index]
+    if grads[r.target] is None:  # stream[t] reached no loss (the last G of a stack whose Y2 is unused)
+        tape.streams_after(index - 1)  # only invert the coupling; fn's parameters get no gradient
+        return [None] * len(r.params)
+    tape.streams_after(index)
+    accumulate = tape.gradient_plan(index)[0]  # None: autograd.grad is running and wants them back
+    b = tape.streams[1 - r.target]  # the stream fn read: Y1 in (5), X2 in (6)
+    d_params = None
+    for piece in tape.pieces(index, b):  # the whole of fn, token slices, or summands
+        # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
+        leaf, fn_b, params = tape.recompute_piece(index, piece)
+        # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
+        tape.rebuild_input(index, piece, fn_b.detach())
+        root = gradient_root(fn_b)  # fn(b)'s graph; its value is used up and freed now
+        if tape.parallel:
+            tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
+        # back-propagate d stream[t] (dY2 in (5), dY1 in (6)) through fn: (d fn/d b)^T d stream[t], and
+        # d W_fn = (d fn/d W)^T d stream[t], added to .grad as it is made (or handed back under autograd.grad)
+        d = grads[r.target] if not isinstance(piece, slice) else grads[r.target][:, piece]
+        del fn_b
+        d_leaf, d_piece_params = backprop(root, leaf, d, params, accumulate)
+        del root, leaf, d
+        # dY1 += (dG/dY1)^T dY2 in (5), dX2 = dY2 + (dF/dX2)^T dY1 in (6): into d stream[1-t], in place
+        buffers.add_into(grads, 1 - r.target, d_leaf, piece, b, tape.on_side_stream)
+        d_params = d_piece_params if d_params is None else list(map(chunks.add, d_params, d_piece_params))
+        del d_leaf, d_piece_params  # not alive during the next piece's recomputation
+    tape.finish_rebuild(index)
+    tape.end_gradients(index)
+    if tape.on_side_stream:  # made by backward ops on the side stream, used from here on the caller's
+        main = torch.cuda.current_stream(grads[0].device)
+        for g in d_params:
+            if g is not None:
+                g.record_stream(main)
+    return d_params

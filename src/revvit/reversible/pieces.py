@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["pieces", "sole_user", "gather", "add"]
+__all__ = ["pieces", "sole_user", "add"]
 
 PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
 AUTO_MIN_BYTES = 16 * 1024 ** 2
@@ -47,17 +47,6 @@ def _use_count_of_one_tensor() -> int:
 
 
 SOLE_USE_COUNT = _use_count_of_one_tensor()
-
-
-def gather(total: Optional[Tensor], part: Optional[Tensor], piece, like: Tensor) -> Optional[Tensor]:
-    """Accumulate a piece's input gradient into the whole one: token slices are placed, summands added."""
-    if not isinstance(piece, slice):
-        return add(total, part)
-    if total is None:
-        total = torch.zeros_like(like)
-    if part is not None:
-        total[:, piece] = part
-    return total
 
 
 def add(total: Optional[Tensor], part: Optional[Tensor]) -> Optional[Tensor]:

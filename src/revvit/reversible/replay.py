@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = ["RNGState", "AutocastState", "is_stochastic", "gradient_nodes", "outer_accumulates", "stand_ins",
-           "parameters_swapped", "backprop", "gradient_buffer"]
+           "parameters_swapped", "gradient_root", "backprop",
+           "gradient_buffer"]
 
 
 @dataclass
@@ -144,15 +145,23 @@ def parameters_swapped(modules, swap: dict[int, Tensor]) -> Iterator[None]:
             m._parameters[name] = p
 
 
-def backprop(out: Tensor, leaf: Tensor, d_out: Tensor, params: Sequence[Tensor],
+def gradient_root(out: Tensor) -> Optional[GradientEdge]:
+    """Where back-propagation from `out` starts, without `out` itself (whose memory may then be freed:
+    the graph keeps what it needs); None when `out` depends on nothing that takes a gradient."""
+    return get_gradient_edge(out) if out.grad_fn is not None else None
+
+
+def backprop(out: Optional[GradientEdge], leaf: Tensor, d_out: Tensor, params: Sequence[Tensor],
              accumulate: Optional[list[bool]]) -> tuple[Optional[Tensor], list[Optional[Tensor]]]:
     """d leaf = (d out/d leaf)^T d_out, and the gradients (d out/d W)^T d_out of `params` (the tensors the
-    recomputation used as parameters: the parameters, or their `stand_ins`).
+    recomputation used as parameters: the parameters, or their `stand_ins`). `out`: a `gradient_root`.
 
     `accumulate` (from `outer_accumulates`): None hands every parameter gradient back (autograd.grad);
     otherwise autograd accumulates the gradient of each parameter marked True into its `.grad` as soon as
     it is made (never all of them alive at once), the others are not computed, and the list is all None.
     """
+    if out is None:
+        return None, [None] * len(params)
     if accumulate is None:
         d_leaf, *d_params = torch.autograd.grad(out, [leaf, *params], d_out, allow_unused=True)
         return d_leaf, d_params
