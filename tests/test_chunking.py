@@ -166,3 +166,15 @@ def test_recomputed_linear_layers_add_weight_gradients_into_grad_without_a_weigh
     monkeypatch.setattr(linear, "gradient_buffer", lambda t: None)  # the ordinary path: autograd adds a new tensor
     ordinary = measure_training_memory(model, x, loss_fn=lambda out, _: weighted_sum(out))
     assert into_grad.peak_bytes <= ordinary.peak_bytes - 64 * 1024 * 4
+
+
+def test_rev_vit_small_peak_with_4_mib_pieces_is_nine_stream_units():
+    """What is alive at the peak, in units of one (B, N, D) stream: the kept input, Y1, Y2, dY1 and dY2 (the
+    block backward updates them in place), plus at most the head's LayerNorm backward (its saved input
+    and gradient, 2C wide) or one piece of F or G. Measured 9.02 (2.59 MB per image at batch 4)."""
+    torch.manual_seed(0)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(4 * 2 ** 20)
+    x = torch.randn(4, 3, 224, 224)
+    unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
+    peak = measure_training_memory(model, x).peak_bytes
+    assert 5 * unit < peak <= 9.25 * unit
