@@ -208,7 +208,7 @@ def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
 @torch.compiler.disable
 def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, parallel: bool,
                     chunk_bytes: Optional[int]) -> tuple[Tensor, Tensor]:
-    """The reversible forward: every coupling through `_CouplingFunction`, recorded on one tape.
+    """The reversible forward: every block through `_BlockFunction`, each coupling recorded on one tape.
 
     torch.compile does not trace into it: the stack is one graph break, whatever its depth (dynamo would
     otherwise break at every coupling and recompile per tape length); the layers around it compile."""
