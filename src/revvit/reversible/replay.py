@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 __all__ = ["RNGState", "AutocastState", "is_stochastic", "gradient_nodes", "outer_accumulates", "stand_ins",
-           "parameters_swapped", "gradient_root", "backprop",
-           "gradient_buffer"]
+           "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
 
 
 @dataclass
