@@ -6,6 +6,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .stream_norm import mean_tokens
+
 
 class TokenClassifierMixin:
     """timm's head interface for a model with `num_features`, `num_classes`, `global_pool`, `head_drop`
@@ -32,6 +34,6 @@ class TokenClassifierMixin:
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, N, num_features) -> logits (B, classes), or the pooled (B, num_features) with `pre_logits`."""
         if self.global_pool == "avg":
-            x = x.mean(dim=1)
+            x = mean_tokens(x)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)

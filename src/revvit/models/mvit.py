@@ -26,7 +26,15 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import Grid, MlpBranch, PatchEmbed3d, PoolingAttentionBranch, TokenClassifierMixin, resample_pos_embed
+from ..layers import (
+    Grid,
+    MlpBranch,
+    PatchEmbed3d,
+    PoolingAttentionBranch,
+    TokenClassifierMixin,
+    norm_streams,
+    resample_pos_embed,
+)
 from ..reversible import BACKPROP_MODES, ReversibleBlock, ReversibleStack, join_streams, set_chunking
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 from .mvit_blocks import GridBlock, MViTBlock, StageTransition, StreamFusion, attention_options
@@ -203,7 +211,13 @@ class RevMViT(_MultiscaleBase):
         self.stages = nn.ModuleList(stages)
         self._init_head(2, feature_modules)
 
-    def _run(self, x, specs, take=(), stop=None):
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, [T,] H, W) -> normalised tokens (B, N_last, 2C): the final norm reads the two streams
+        without concatenating them first (`norm_streams`)."""
+        return norm_streams(self.norm, *self._run(*self._embed(x), joined=False)[0])
+
+    def _run(self, x, specs, take=(), stop=None, joined=True):
+        """As the base's; `joined=False`: the final tokens as the two streams (x1, x2)."""
         maps = {}
         x1 = x2 = x
         done = 0  # layers run so far
@@ -220,7 +234,7 @@ class RevMViT(_MultiscaleBase):
                 maps[last.stage] = join_streams(x1, x2)
             if last.stage_end and last.stage == stop:
                 break
-        return join_streams(x1, x2), maps
+        return (join_streams(x1, x2) if joined else (x1, x2)), maps
 
     def set_backprop(self, mode: str) -> "RevMViT":
         """"reversible": reversible runs rebuild their activations from their outputs and the transitions

@@ -21,7 +21,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
-from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin, resample_pos_embed
+from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin, norm_streams, resample_pos_embed
 from ..reversible import ReversibleBlock, ReversibleStack, join_streams, set_chunking
 from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
 
@@ -110,7 +110,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
         """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
         x, _ = self._embed(x)
         y1, y2 = self.stack(x, x)
-        return self.norm(join_streams(y1, y2))
+        return norm_streams(self.norm, y1, y2)
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -137,7 +137,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
             maps = [y.transpose(1, 2).reshape(y.shape[0], -1, h, w) for y in maps]
         if intermediates_only:
             return maps
-        return self.norm(join_streams(x1, x2)), maps
+        return norm_streams(self.norm, x1, x2), maps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
