@@ -168,13 +168,14 @@ def test_recomputed_linear_layers_add_weight_gradients_into_grad_without_a_weigh
     assert into_grad.peak_bytes <= ordinary.peak_bytes - 64 * 1024 * 4
 
 
-def test_rev_vit_small_peak_with_4_mib_pieces_is_nine_stream_units():
+def test_rev_vit_small_peak_with_4_mib_pieces_is_under_the_2_5_mb_per_image_target():
     """What is alive at the peak, in units of one (B, N, D) stream: the kept input, Y1, Y2, dY1 and dY2 (the
-    block backward updates them in place), plus at most the head's LayerNorm backward (its saved input
-    and gradient, 2C wide) or one piece of F or G. Measured 9.02 (2.59 MB per image at batch 4)."""
+    block backward updates them in place, the head's norm writes them without a concatenation), plus one
+    piece of F: its LayerNorm's output and one group of heads. Measured 8.69 (2.49 MB per image at
+    batch 4; the target of 2.5 MB is 8.71 units; before `norm_streams` the head made it 9.04)."""
     torch.manual_seed(0)
     model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(4 * 2 ** 20)
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
     peak = measure_training_memory(model, x).peak_bytes
-    assert 5 * unit < peak <= 9.25 * unit
+    assert 5 * unit < peak <= 8.71 * unit
