@@ -107,3 +107,11 @@ def test_mean_tokens_backward_is_a_broadcast_view_of_the_plain_gradient():
     assert torch.equal(mean_tokens(x), x.mean(dim=1))
     assert torch.equal(ours, ref)
     assert ours.stride(1) == 0  # one (B, C) tensor, seen N times
+
+
+def test_a_second_derivative_is_refused_not_wrong():
+    y1, y2 = streams()
+    out = norm_streams(layer_norm(12), y1, y2).square().sum()
+    (g,) = torch.autograd.grad(out, y1, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()

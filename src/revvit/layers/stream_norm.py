@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..reversible import join_streams
 from ..reversible.replay import AutocastState
@@ -69,6 +70,7 @@ class _NormStreams(torch.autograd.Function):
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
     @staticmethod
+    @once_differentiable  # a second derivative would need the slices' graphs: refused with a clear error
     def backward(ctx, g: Tensor):
         y1, y2, weight, bias = ctx.saved_tensors
         need = ctx.needs_input_grad
