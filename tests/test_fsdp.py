@@ -128,6 +128,37 @@ def test_fsdp2_with_bf16_mixed_precision_gives_autograds_gradients_to_bf16_accur
         assert errors[f"{name}/dtypes"] == ["torch.float32"]  # the sharded gradients keep the parameters' dtype
 
 
+def _compiled_errors(rank: int, port: int, name: str, out: str) -> None:
+    """`shard_model` then `compile_blocks` (aot_eager): the sharded, compiled model's gradients against an
+    unsharded eager copy, at the finest split (F's head groups through the compiled `forward_part`)."""
+    from revvit.reversible import compile_blocks
+
+    _join(rank, port)
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    reference = small(name, num_classes=5, drop_path_rate=0.2).double().train().set_chunking(1)
+    model = compile_blocks(shard_model(copy.deepcopy(reference)), backend="aot_eager")
+    x = example_input(reference, batch=4).double()[2 * rank:2 * rank + 2]
+    for m in (reference, model):
+        torch.manual_seed(5 + rank)
+        weighted_sum(m(x)).backward()
+    worst = 0.0
+    for p, q in zip(reference.parameters(), model.parameters()):
+        dist.all_reduce(p.grad)
+        expected = p.grad / 2
+        worst = max(worst, (local_value(q.grad) - expected).norm().item() / max(expected.norm().item(), 1e-3))
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"worst": worst}, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["rev_vit_tiny_patch16_224", pytest.param("rev_mvit_tiny", marks=pytest.mark.slow)])
+def test_fsdp2_with_compiled_blocks_gives_the_unsharded_eager_gradients(tmp_path, name):
+    _spawn(_compiled_errors, name, str(tmp_path / "errors.json"))
+    assert json.loads((tmp_path / "errors.json").read_text())["worst"] < 1e-10
+
+
 def _train(rank: int, port: int, overrides: list, out: str) -> None:
     _torchrun_env(rank, port)
     fit(tiny(*overrides), out, resume=os.path.isdir(out))
