@@ -27,7 +27,7 @@ from ..reversible.replay import AutocastState
 
 __all__ = ["norm_streams", "mean_tokens"]
 
-SLICES = 8  # token slices the backward walks (at most), so its temporaries are a quarter of a stream
+SLICES = 8  # token slices the backward walks (at most): its ~4 slice-sized temporaries, 2C wide, are ~1 stream
 MIN_SLICE_BYTES = 2 ** 16  # below this a slice is not worth a kernel launch: small inputs go whole
 
 

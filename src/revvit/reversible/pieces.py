@@ -18,7 +18,8 @@ PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (m
 AUTO_MIN_BYTES = 16 * 1024 ** 2
 # automatic: 3 token slices of a per-token fn, 2 parts of a sum. A part costs more time than a slice (each
 # recomputes F's LayerNorm and makes a full-width output and input gradient); measured on Rev-ViT-S:
-# 3 slices / 2 parts 2.89 MB per image at ~1.04x the step of 2 / 2 (3.59), 3 / 3 no less memory, ~1.1x.
+# 3 slices / 2 parts 2.89 MB per image at the step time of 2 / 2 (3.59; A/B 1.41 s vs 1.40 s), while
+# 3 / 3 holds no less memory (G's slices are the peak) and costs ~1.1x.
 AUTO_SLICES, AUTO_PARTS = 3, 2
 
 
