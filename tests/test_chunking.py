@@ -179,3 +179,38 @@ def test_rev_vit_small_peak_with_4_mib_pieces_is_under_the_2_5_mb_per_image_targ
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
     peak = measure_training_memory(model, x).peak_bytes
     assert 5 * unit < peak <= 8.71 * unit
+
+
+def _flops(model, x, mode: str, backward: bool = True) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.set_backprop(mode)
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if backward:
+            out.sum().backward()
+    return counter.get_total_flops()
+
+
+def test_flop_counter_counts_a_rev_vit_step_as_autograd_plus_one_forward_of_the_blocks():
+    """The weight gradients added into `.grad` in place (`addmm_`) are counted like autograd's `mm`s, so the
+    difference is exactly the recomputation: one forward of the blocks' F and G."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = small("rev_vit_tiny_patch16_224", num_classes=5)
+    x = example_input(model)
+    with torch.no_grad():
+        tokens, _ = model._embed(x)
+        with FlopCounterMode(display=False) as counter:
+            model.stack(tokens, tokens)
+    blocks = counter.get_total_flops()
+    assert blocks > 0
+    assert _flops(model, x, "reversible") == _flops(model, x, "autograd") + blocks
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if hasattr(small(n), "set_chunking")])
+def test_flop_counter_counts_more_for_a_reversible_step_than_for_autograd(name):
+    model = small(name, num_classes=5)
+    x = example_input(model)
+    forward = _flops(model, x, "autograd", backward=False)
+    assert _flops(model, x, "autograd") + forward // 2 < _flops(model, x, "reversible")

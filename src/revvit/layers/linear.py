@@ -70,6 +70,19 @@ class _IntoGrad(torch.autograd.Function):
         return dx, None
 
 
+def _count_in_place_products() -> None:
+    """`torch.utils.flop_counter.FlopCounterMode` counts `addmm` but not `addmm_`, which `_IntoGrad` uses for
+    the weight gradients: register the same formula for it (unless torch already has one), so a
+    reversible step's FLOPs include them."""
+    from torch.utils import flop_counter
+
+    if torch.ops.aten.addmm_ not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(torch.ops.aten.addmm_, get_raw=True)(flop_counter.addmm_flop)
+
+
+_count_in_place_products()
+
+
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, state dict and init) whose weight gradient goes into `.grad` in place
     during a reversible recomputation."""
