@@ -214,3 +214,12 @@ def test_flop_counter_counts_more_for_a_reversible_step_than_for_autograd(name):
     x = example_input(model)
     forward = _flops(model, x, "autograd", backward=False)
     assert _flops(model, x, "autograd") + forward // 2 < _flops(model, x, "reversible")
+
+
+def test_automatic_split_is_three_token_slices_of_g_and_two_head_groups_of_f():
+    g, f = MlpBranch(64, 4.0), AttentionBranch(64, 4, qkv_bias=True)
+    large = torch.empty(4, 1200, 64)  # a recomputation of ~16 x 1.2 MB: above the 16 MiB threshold
+    assert chunks.pieces(g, large, None) == [slice(0, 400), slice(400, 800), slice(800, 1200)]
+    assert chunks.pieces(f, large, None) == [(0, 2), (1, 2)]
+    small = torch.empty(2, 8, 64)  # splitting would only cost time
+    assert chunks.pieces(g, small, None) == chunks.pieces(f, small, None) == [None]

@@ -55,11 +55,28 @@ def test_norm_streams_gives_the_plain_layer_norm_of_the_concatenation_and_its_gr
 
 
 def test_each_stream_gets_a_contiguous_gradient_buffer_of_its_own(slices):
-    y1, y2 = streams()
-    norm_streams(layer_norm(12), y1, y2).square().sum().backward()
-    for y in (y1, y2):
-        assert y.grad._base is None and y.grad.is_contiguous()
-    assert y1.grad.untyped_storage().data_ptr() != y2.grad.untyped_storage().data_ptr()
+    """What reaches the streams' producer (a reversible stack's top block): not halves of one buffer (which
+    it would have to copy), as `norm(cat(...))` gives. Seen by hooks on non-leaf streams (a leaf's `.grad`
+    would be a copy either way)."""
+    seen = {}
+
+    def look(i):
+        def hook(g):
+            seen[i] = (g._base is None, g.is_contiguous(), g.untyped_storage().data_ptr())
+        return hook
+
+    def run(fn):
+        seen.clear()
+        a, b = streams()
+        y1, y2 = a * 1.0, b * 1.0
+        y1.register_hook(look(1))
+        y2.register_hook(look(2))
+        fn(layer_norm(12), y1, y2).square().sum().backward()
+        return dict(seen)
+
+    ours, cat = run(norm_streams), run(plain)
+    assert ours[1][:2] == ours[2][:2] == (True, True) and ours[1][2] != ours[2][2]
+    assert not cat[1][0] and cat[1][2] == cat[2][2]  # the plain path: views of one buffer (the test can tell)
 
 
 def test_a_broadcast_upstream_gradient_gives_the_gradients_of_its_dense_copy(slices):
@@ -115,3 +132,58 @@ def test_a_second_derivative_is_refused_not_wrong():
     (g,) = torch.autograd.grad(out, y1, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+def test_lean_false_is_the_plain_norm_and_twice_differentiable():
+    y1, y2 = streams()
+    norm = layer_norm(12)
+    out = norm_streams(norm, y1, y2, lean=False).square().sum()
+    (g,) = torch.autograd.grad(out, y1, create_graph=True)
+    (gg,) = torch.autograd.grad(g.square().sum(), y1)
+    ref = plain(norm, y1, y2).square().sum()
+    (rg,) = torch.autograd.grad(ref, y1, create_graph=True)
+    (rgg,) = torch.autograd.grad(rg.square().sum(), y1)
+    assert torch.equal(gg, rgg)
+
+
+def test_torch_func_transforms_get_the_plain_gradients():
+    from torch.func import grad, vmap
+
+    y1, y2 = (y.detach() for y in streams())
+    norm = layer_norm(12)
+
+    def loss(a, b):
+        return mean_tokens(norm_streams(norm, a, b)).square().sum()
+
+    def ref(a, b):
+        return plain(norm, a, b).mean(1).square().sum()
+
+    torch.testing.assert_close(grad(loss)(y1, y2), grad(ref)(y1, y2), rtol=1e-12, atol=1e-12)
+    per_sample = vmap(grad(loss), in_dims=(0, 0))(y1.unsqueeze(1), y2.unsqueeze(1))
+    torch.testing.assert_close(per_sample, vmap(grad(ref), in_dims=(0, 0))(y1.unsqueeze(1), y2.unsqueeze(1)))
+
+
+def test_a_norm_with_hooks_or_its_own_forward_is_called_as_a_module():
+    y1, y2 = streams()
+    calls = []
+    norm = layer_norm(12)
+    norm.register_forward_hook(lambda *_: calls.append("hook"))
+    norm_streams(norm, y1, y2)
+
+    class Scaled(nn.LayerNorm):
+        def forward(self, x):
+            calls.append("forward")
+            return 2 * super().forward(x)
+
+    scaled = Scaled(12, dtype=torch.float64)
+    out = norm_streams(scaled, y1, y2)
+    assert calls == ["hook", "forward"]
+    assert torch.equal(out, 2 * nn.functional.layer_norm(torch.cat([y1, y2], -1), (12,), scaled.weight, scaled.bias))
+
+
+def test_no_tokens_is_no_error():
+    y1, y2 = streams(shape=(2, 0, 6))
+    out = norm_streams(layer_norm(12), y1, y2)
+    assert out.shape == (2, 0, 12)
+    out.sum().backward()
+    assert y1.grad.shape == y1.shape

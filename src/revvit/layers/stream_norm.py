@@ -11,7 +11,11 @@ step (six stream-sized tensors beside the kept Y1, Y2). Here:
   token slice (a LayerNorm is per token, so this is exact), writing each stream's gradient straight into a
   buffer of its own, which the stack's top block then updates in place.
 
-Both give the plain expressions' values bit for bit; under torch.compile they are the plain expressions.
+Both give the plain expressions' values bit for bit. They are the plain expressions wherever the lean
+path would change more than memory: under torch.compile or a torch.func transform (grad, vmap), without
+grad recording, for empty inputs, and for a norm that is not exactly `nn.LayerNorm` or carries hooks (its
+own `forward` or hooks must run). `norm_streams` is once differentiable (a second derivative is refused);
+pass `lean=False` where one is needed.
 """
 from __future__ import annotations
 
@@ -31,12 +35,11 @@ SLICES = 8  # token slices the backward walks (at most): its ~4 slice-sized temp
 MIN_SLICE_BYTES = 2 ** 16  # below this a slice is not worth a kernel launch: small inputs go whole
 
 
-def norm_streams(norm: nn.Module, y1: Tensor, y2: Tensor) -> Tensor:
-    """`norm(cat([y1, y2], -1))` for (B, N, C) streams. A `nn.LayerNorm` over the 2C features takes the lean
-    path; any other norm (or Identity) gets the concatenation."""
-    lean = (isinstance(norm, nn.LayerNorm) and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and y1.ndim >= 3 and y1.shape == y2.shape and norm.normalized_shape == (2 * y1.shape[-1],)
-            and (y1.requires_grad or y2.requires_grad))
+def norm_streams(norm: nn.Module, y1: Tensor, y2: Tensor, lean: bool = True) -> Tensor:
+    """`norm(cat([y1, y2], -1))` for (B, N, ..., C) streams. A plain `nn.LayerNorm` over the 2C features
+    takes the lean path (unless `lean=False`); any other norm (or Identity) gets the concatenation."""
+    lean = (lean and type(norm) is nn.LayerNorm and not _has_hooks(norm) and _worth_it(y1, y2)
+            and y1.ndim >= 3 and y1.shape == y2.shape and norm.normalized_shape == (2 * y1.shape[-1],))
     if not lean:
         return norm(join_streams(y1, y2))
     return _NormStreams.apply(y1, y2, norm.weight, norm.bias, norm.eps)
@@ -44,9 +47,24 @@ def norm_streams(norm: nn.Module, y1: Tensor, y2: Tensor) -> Tensor:
 
 def mean_tokens(x: Tensor) -> Tensor:
     """`x.mean(1)`, whose backward is a broadcast view instead of a materialised (B, N, C) tensor."""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and x.requires_grad):
+    if not _worth_it(x):
         return x.mean(dim=1)
     return _MeanTokens.apply(x)
+
+
+def _worth_it(*xs: Tensor) -> bool:
+    """Whether a graph is being recorded through `xs` by plain autograd (no compile, no torch.func)."""
+    return (torch.is_grad_enabled() and any(x.requires_grad for x in xs) and all(x.numel() > 0 for x in xs)
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks that calling `module` would run (its own, or global ones): the lean path would bypass them."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 class _MeanTokens(torch.autograd.Function):

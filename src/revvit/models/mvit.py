@@ -213,8 +213,8 @@ class RevMViT(_MultiscaleBase):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, [T,] H, W) -> normalised tokens (B, N_last, 2C): the final norm reads the two streams
-        without concatenating them first (`norm_streams`)."""
-        return norm_streams(self.norm, *self._run(*self._embed(x), joined=False)[0])
+        without concatenating them first (`norm_streams`; in "autograd" mode plainly: twice differentiable)."""
+        return norm_streams(self.norm, *self._run(*self._embed(x), joined=False)[0], lean=self.backprop != "autograd")
 
     def _run(self, x, specs, take=(), stop=None, joined=True):
         """As the base's; `joined=False`: the final tokens as the two streams (x1, x2)."""

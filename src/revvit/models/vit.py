@@ -110,7 +110,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
         """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
         x, _ = self._embed(x)
         y1, y2 = self.stack(x, x)
-        return norm_streams(self.norm, y1, y2)
+        return norm_streams(self.norm, y1, y2, lean=self.backprop != "autograd")
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
@@ -137,7 +137,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
             maps = [y.transpose(1, 2).reshape(y.shape[0], -1, h, w) for y in maps]
         if intermediates_only:
             return maps
-        return norm_streams(self.norm, x1, x2), maps
+        return norm_streams(self.norm, x1, x2, lean=self.backprop != "autograd"), maps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -26,7 +26,8 @@ AUTO_SLICES, AUTO_PARTS = 3, 2
 def pieces(fn, b: Tensor, chunk_bytes: Optional[int]) -> list:
     """Split fn(b) into token slices (`fn.token_wise`) or summands (`fn.max_parts`), about
     `PIECE_UNITS * b.nbytes / chunk_bytes` of them (automatic, None: AUTO_SLICES or AUTO_PARTS, none for
-    small inputs); [None]: whole."""
+    small inputs; a budget under one piece's need, e.g. 1, splits as finely as fn allows); [None]: whole.
+    (chunk_bytes 0, "off", is the caller's to honour: `_Tape.pieces` does not call this then.)"""
     token_wise, max_parts = getattr(fn, "token_wise", False), getattr(fn, "max_parts", 1)
     if not (token_wise or max_parts > 1):
         return [None]
