@@ -31,8 +31,8 @@ def count_pieces(monkeypatch):
     seen = []
     original = chunks.pieces
 
-    def spy(fn, b, chunk_bytes):
-        pieces = original(fn, b, chunk_bytes)
+    def spy(fn, b, chunk_bytes, forward=False):
+        pieces = original(fn, b, chunk_bytes, forward)
         seen.append(len(pieces))
         return pieces
 
@@ -80,7 +80,8 @@ def test_a_random_function_is_never_split(monkeypatch):
     stack.blocks[0].g.mlp.drop = torch.nn.Dropout(0.2)  # G of block 0 draws random numbers now
     split = set()
     original = chunks.pieces
-    monkeypatch.setattr(chunks, "pieces", lambda fn, b, c: split.add(id(fn)) or original(fn, b, c))
+    monkeypatch.setattr(chunks, "pieces",
+                        lambda fn, b, c, forward=False: split.add(id(fn)) or original(fn, b, c, forward))
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     sum(stack(x, x)).sum().backward()
     assert id(stack.blocks[0].g) not in split and id(stack.blocks[1].g) in split
@@ -223,3 +224,27 @@ def test_automatic_split_is_three_token_slices_of_g_and_two_head_groups_of_f():
     assert chunks.pieces(f, large, None) == [(0, 2), (1, 2)]
     small = torch.empty(2, 8, 64)  # splitting would only cost time
     assert chunks.pieces(g, small, None) == chunks.pieces(f, small, None) == [None]
+
+
+def test_the_forward_is_whole_under_the_automatic_split_and_split_more_coarsely_under_a_budget():
+    g, f = MlpBranch(64, 4.0), AttentionBranch(64, 4, qkv_bias=True)
+    large = torch.empty(4, 1200, 64)
+    assert chunks.pieces(g, large, None, forward=True) == chunks.pieces(f, large, None, forward=True) == [None]
+    budget = 2 * large.nbytes  # backward: 16 units in pieces of 2 -> 8; forward: 6 units -> 3
+    assert len(chunks.pieces(g, large, budget)) == 8
+    assert len(chunks.pieces(g, large, budget, forward=True)) == 3
+    assert chunks.pieces(f, large, budget, forward=True) == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_a_whole_forward_does_not_raise_the_automatic_splits_peak(monkeypatch):
+    """The forward without a graph holds ~6 units whole (the MLP's hidden layer activated in place); the
+    automatic backward's three slices of G hold more, so running the forward whole costs no memory."""
+    torch.manual_seed(0)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=0.0)
+    x = torch.randn(4, 3, 224, 224)  # a recomputation of ~16 x 1.2 MB: the automatic split applies
+    whole_forward = measure_training_memory(model, x).peak_bytes
+    original = chunks.pieces
+    monkeypatch.setattr(chunks, "pieces", lambda fn, b, c, forward=False: original(fn, b, c))  # forward as backward
+    split_forward = measure_training_memory(model, x).peak_bytes
+    unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
+    assert whole_forward <= split_forward < 11 * unit

@@ -1,6 +1,7 @@
 """Two-layer perceptron, and the G branch of the reversible blocks (LayerNorm -> MLP)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .linear import Linear
@@ -19,7 +20,17 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        h = self.fc1(x)
+        if self._activate_in_place():  # no graph: the hidden layer is held once, not twice
+            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
+        else:
+            h = self.act(h)
+        return self.drop(self.fc2(self.drop(h)))
+
+    def _activate_in_place(self) -> bool:
+        act = self.act
+        return (not torch.is_grad_enabled() and type(act) is nn.GELU
+                and not (act._forward_hooks or act._forward_pre_hooks))
 
 
 class MlpBranch(nn.Module):

@@ -166,8 +166,9 @@ class ReversibleStack(nn.Module):
         as the previous two-and-two default, which held 3.59), and no splitting when a whole recomputation
         is below 16 MiB (it would only cost time). 0: never split. A small budget (e.g. 1) splits as far as
         F and G allow: least memory (2.23 MB per image; 4 MiB pieces 2.50), slower steps.
-        Functions that draw random numbers (dropout) are never split. The forward computes in the same
-        pieces. The gradients are the same either way (up to rounding).
+        Functions that draw random numbers (dropout) are never split. The forward, which keeps no graph,
+        holds ~6x its input whole and is split only under a given budget. The gradients are the same
+        either way (up to rounding).
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):
@@ -273,12 +274,12 @@ class _Tape:
         return _BlockFunction.apply(x1, x2, self, index, len(self.records) - index, *params)
 
     def couple(self, index: int, a: Tensor, b: Tensor) -> Tensor:
-        """Apply coupling `index`, a + DropPath(fn(b)), without a graph, in the same pieces as its backward
-        (at most one piece's activations at a time); its random state is taken just before fn runs, if fn
-        is random at all."""
+        """Apply coupling `index`, a + DropPath(fn(b)), without a graph: whole, or in pieces if a given
+        chunk budget asks for it (see `pieces`); its random state is taken just before fn runs, if fn is
+        random at all."""
         r = self.records[index]
         r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
-        pieces = self.pieces(index, b)
+        pieces = self.pieces(index, b, forward=True)
         if pieces == [None]:
             return a + r.call(b, replay=False)[0]
         out = a.clone()
@@ -326,13 +327,13 @@ class _Tape:
         for alias in self.plans.pop(index, (None, {}))[1].values():
             alias.grad = None  # the parameter keeps it
 
-    def pieces(self, index: int, b: Tensor) -> list:
-        """How coupling `index` is computed, forward and backward alike, from the stream `b` its fn reads:
-        [None] (whole), token slices, or (part, parts) pairs."""
+    def pieces(self, index: int, b: Tensor, forward: bool = False) -> list:
+        """How coupling `index` is computed (in the forward without a graph, or recomputed and
+        back-propagated) from the stream `b` its fn reads: [None] (whole), token slices, or (part, parts)."""
         r = self.records[index]
         if self.parallel or r.rng is not None or self.chunk_bytes == 0:
             return [None]
-        return chunks.pieces(r.fn, b, self.chunk_bytes)
+        return chunks.pieces(r.fn, b, self.chunk_bytes, forward=forward)
 
     def recompute_piece(self, index: int, piece) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(leaf, DropPath(fn(leaf)) or its piece, fn's parameters as the call saw them), with a graph from

@@ -15,6 +15,11 @@ from torch import Tensor
 __all__ = ["pieces", "sole_user", "add"]
 
 PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
+# without a graph (the forward) a piece holds its LayerNorm output, its output and either the MLP's hidden
+# layer (activated in place) or attention's q, k, v and heads' output: about 6 units. Whole, that is below
+# the automatic split's backward peak (Rev-ViT-S: 2.89 MB per image with the forward whole or in three
+# slices), so the forward is split only under a given budget; whole it runs the larger, faster products.
+FORWARD_UNITS = 6
 AUTO_MIN_BYTES = 16 * 1024 ** 2
 # automatic: 3 token slices of a per-token fn, 2 parts of a sum. A part costs more time than a slice (each
 # recomputes F's LayerNorm and makes a full-width output and input gradient); measured on Rev-ViT-S:
@@ -23,17 +28,19 @@ AUTO_MIN_BYTES = 16 * 1024 ** 2
 AUTO_SLICES, AUTO_PARTS = 3, 2
 
 
-def pieces(fn, b: Tensor, chunk_bytes: Optional[int]) -> list:
+def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> list:
     """Split fn(b) into token slices (`fn.token_wise`) or summands (`fn.max_parts`), about
     `PIECE_UNITS * b.nbytes / chunk_bytes` of them (automatic, None: AUTO_SLICES or AUTO_PARTS, none for
     small inputs; a budget under one piece's need, e.g. 1, splits as finely as fn allows); [None]: whole.
-    (chunk_bytes 0, "off", is the caller's to honour: `_Tape.pieces` does not call this then.)"""
+    `forward`: for the forward's computation without a graph, which holds far less (`FORWARD_UNITS`) and is
+    never split automatically. (chunk_bytes 0, "off", is the caller's to honour: `_Tape.pieces` does not
+    call this then.)"""
     token_wise, max_parts = getattr(fn, "token_wise", False), getattr(fn, "max_parts", 1)
     if not (token_wise or max_parts > 1):
         return [None]
-    need = PIECE_UNITS * b.nbytes
+    need = (FORWARD_UNITS if forward else PIECE_UNITS) * b.nbytes
     if chunk_bytes is None:
-        if need <= AUTO_MIN_BYTES:
+        if forward or need <= AUTO_MIN_BYTES:
             return [None]
         n = AUTO_SLICES if token_wise else AUTO_PARTS
     else:
