@@ -123,12 +123,16 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
     def _run(self, x: Tensor, specs: list[LayerSpec], take: Sequence[int] = (),
              stop: Optional[int] = None) -> tuple[Tensor, dict[int, Tensor]]:
         """Tokens after the stem and their layer specs -> (final tokens, {level: that stage's output tokens}
-        for levels in take)."""
+        for levels in take). The final tokens are in the form `_final` takes."""
         raise NotImplementedError
+
+    def _final(self, x, norm: bool = True) -> Tensor:
+        """The final tokens `_run` returned as (B, N_last, num_features), through the final norm if `norm`."""
+        return self.norm(x) if norm else x
 
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, [T,] H, W) -> normalised tokens (B, N_last, num_features)."""
-        return self.norm(self._run(*self._embed(x))[0])
+        return self._final(self._run(*self._embed(x))[0])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
@@ -163,7 +167,7 @@ class _MultiscaleBase(TokenClassifierMixin, nn.Module):
             out.append(y)
         if intermediates_only:
             return out
-        return (x if stop is not None else self.norm(x)), out
+        return self._final(x, norm=stop is None), out
 
     def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:
@@ -211,13 +215,16 @@ class RevMViT(_MultiscaleBase):
         self.stages = nn.ModuleList(stages)
         self._init_head(2, feature_modules)
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """(B, C, [T,] H, W) -> normalised tokens (B, N_last, 2C): the final norm reads the two streams
-        without concatenating them first (`norm_streams`; in "autograd" mode plainly: twice differentiable)."""
-        return norm_streams(self.norm, *self._run(*self._embed(x), joined=False)[0], lean=self.backprop != "autograd")
+    def _final(self, x, norm: bool = True) -> Tensor:
+        """The last run's two streams as (B, N_last, 2C) tokens: the final norm reads them without
+        concatenating them first (`norm_streams`; in "autograd" mode plainly: twice differentiable)."""
+        x1, x2 = x
+        if not norm:
+            return join_streams(x1, x2)
+        return norm_streams(self.norm, x1, x2, lean=self.backprop != "autograd")
 
-    def _run(self, x, specs, take=(), stop=None, joined=True):
-        """As the base's; `joined=False`: the final tokens as the two streams (x1, x2)."""
+    def _run(self, x, specs, take=(), stop=None):
+        """As the base's; the final tokens are the last run's two streams (x1, x2)."""
         maps = {}
         x1 = x2 = x
         done = 0  # layers run so far
@@ -234,7 +241,7 @@ class RevMViT(_MultiscaleBase):
                 maps[last.stage] = join_streams(x1, x2)
             if last.stage_end and last.stage == stop:
                 break
-        return (join_streams(x1, x2) if joined else (x1, x2)), maps
+        return (x1, x2), maps
 
     def set_backprop(self, mode: str) -> "RevMViT":
         """"reversible": reversible runs rebuild their activations from their outputs and the transitions

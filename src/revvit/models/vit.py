@@ -109,7 +109,11 @@ class RevViT(TokenClassifierMixin, nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> normalised two-stream tokens (B, N, 2D), attention stream first."""
         x, _ = self._embed(x)
-        y1, y2 = self.stack(x, x)
+        return self._final_norm(*self.stack(x, x))
+
+    def _final_norm(self, y1: Tensor, y2: Tensor) -> Tensor:
+        """norm(cat(Y1, Y2)) without keeping the concatenation (`norm_streams`); in "autograd" mode the
+        plain expression (twice differentiable)."""
         return norm_streams(self.norm, y1, y2, lean=self.backprop != "autograd")
 
     def forward_intermediates(self, x: Tensor, indices: Optional[Union[int, list[int]]] = None,
@@ -137,7 +141,7 @@ class RevViT(TokenClassifierMixin, nn.Module):
             maps = [y.transpose(1, 2).reshape(y.shape[0], -1, h, w) for y in maps]
         if intermediates_only:
             return maps
-        return norm_streams(self.norm, x1, x2, lean=self.backprop != "autograd"), maps
+        return self._final_norm(x1, x2), maps
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
