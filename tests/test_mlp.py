@@ -1,8 +1,14 @@
-"""The MLP without a graph (the reversible forward, inference) activates its hidden layer in place."""
+"""The MLP without a graph (the reversible forward, inference) activates its hidden layer in place, and
+recomputed by the reversible engine it back-propagates holding two hidden-sized tensors, not three."""
+import pytest
+import timm
 import torch
 
-from revvit.bench.memory import StorageMeter
-from revvit.layers.mlp import Mlp
+from helpers import assert_reversible_matches_autograd
+from revvit.bench.memory import StorageMeter, measure_training_memory
+from revvit.layers import mlp
+from revvit.layers.mlp import Mlp, MlpBranch
+from revvit.reversible import ReversibleBlock, ReversibleStack
 
 
 def mlp_and_input():
@@ -27,3 +33,37 @@ def test_a_hook_on_the_activation_is_still_called_without_grad():
     with torch.no_grad():
         out = mlp(x)
     torch.testing.assert_close(out, mlp.fc2.bias.expand_as(out))
+
+
+def mlp_stack(depth: int, approximate: str = "none", dtype=torch.float64):
+    torch.manual_seed(0)
+    blocks = [ReversibleBlock(MlpBranch(16, 4.0), MlpBranch(16, 4.0), drop_path=0.2) for _ in range(depth)]
+    stack = ReversibleStack(blocks).to(dtype)
+    for m in stack.modules():
+        if isinstance(m, torch.nn.GELU):
+            m.approximate = approximate
+    return stack
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_the_recomputed_mlps_gradients_equal_autograds(depth, approximate, monkeypatch):
+    calls, fused = [], mlp._RecomputedMlp
+    monkeypatch.setattr(mlp, "_RecomputedMlp", type("Spy", (), {
+        "apply": staticmethod(lambda *a: calls.append(1) or fused.apply(*a))}))
+    stack = mlp_stack(depth, approximate)
+    stack.set_chunking(0)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=lambda out: out[0].sum()
+                                       + out[1].square().sum())
+    assert calls  # the recomputation went through the fused backward
+
+
+def test_an_unsplit_recomputation_holds_two_hidden_layers_not_three():
+    """Rev-ViT-S, chunking off: the peak is G's backward, which autograd's graph would make with H, GELU(H)
+    and dA alive (18 units of one (B, N, D) stream); recomputing GELU(H) and writing dH over dA: 15."""
+    torch.manual_seed(0)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=0.0).set_chunking(0)
+    x = torch.randn(4, 3, 224, 224)
+    unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
+    assert measure_training_memory(model, x).peak_bytes <= 15.5 * unit

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..reversible.replay import gradient_buffer
 
-__all__ = ["Linear", "linear_parts"]
+__all__ = ["Linear", "linear_parts", "adds_into_grad"]
 
 Part = tuple[Tensor, Optional[Tensor], slice, slice]  # (weight, bias, output rows, input columns)
 
@@ -26,14 +26,18 @@ Part = tuple[Tensor, Optional[Tensor], slice, slice]  # (weight, bias, output ro
 def linear_parts(x: Tensor, parts: Sequence[Part]) -> Tensor:
     """`F.linear(x, W, b)` with W the rows `rows` and columns `cols` of each part's weight stacked along the
     output (b: the same rows of each bias; a part's bias may be None)."""
-    into_grad = (not torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad
-                 and not torch.is_autocast_enabled(x.device.type)
-                 and all(gradient_buffer(w) is not None and w.dtype == x.dtype
-                         and (b is None or gradient_buffer(b) is not None) for w, b, _, _ in parts))
-    if into_grad:
+    if adds_into_grad(x, [t for w, b, _, _ in parts for t in (w, b)]):
         return _IntoGrad.apply(x, parts)
     weight, bias = _stacked(parts)
     return F.linear(x, weight, bias)
+
+
+def adds_into_grad(x: Tensor, params: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a layer reading `x` with `params` (None: absent bias) is being recomputed by the reversible
+    engine over stand-ins, and may add its parameters' gradients into their `.grad` itself."""
+    return (not torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad
+            and not torch.is_autocast_enabled(x.device.type)
+            and all(p is None or (gradient_buffer(p) is not None and p.dtype == x.dtype) for p in params))
 
 
 def _stacked(parts: Sequence[Part]) -> tuple[Tensor, Optional[Tensor]]:

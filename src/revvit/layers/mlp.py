@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear
+from .linear import Linear, adds_into_grad
 
 
 class Mlp(nn.Module):
@@ -20,17 +21,63 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
-        if self._activate_in_place():  # no graph: the hidden layer is held once, not twice
-            h = torch.ops.aten.gelu_(h, approximate=self.act.approximate)
-        else:
-            h = self.act(h)
-        return self.drop(self.fc2(self.drop(h)))
+        plain = self._plain_gelu_mlp()
+        if plain and not torch.is_grad_enabled():  # no graph: the hidden layer is held once, not twice
+            h = torch.ops.aten.gelu_(self.fc1(x), approximate=self.act.approximate)
+            return self.fc2(h)
+        params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        if plain and adds_into_grad(x, params):  # recomputed by the reversible engine
+            return _RecomputedMlp.apply(x, params, self.act.approximate)
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
-    def _activate_in_place(self) -> bool:
-        act = self.act
-        return (not torch.is_grad_enabled() and type(act) is nn.GELU
-                and not (act._forward_hooks or act._forward_pre_hooks))
+    def _plain_gelu_mlp(self) -> bool:
+        """Linear -> GELU -> Linear and nothing else: no dropout, no hooks that a fused path would bypass."""
+        return (type(self.act) is nn.GELU and isinstance(self.drop, nn.Identity)
+                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                            or m._backward_pre_hooks for m in (self.act, self.fc1, self.fc2)))
+
+
+class _RecomputedMlp(torch.autograd.Function):
+    """Y = GELU(X W1^T + b1) W2^T + b2 over the engine's stand-in parameters, keeping X and H = X W1^T + b1
+    only. Its backward holds two hidden-sized tensors at a time, where autograd's holds three (H, GELU(H)
+    and dA), and adds the weight gradients into `.grad` in place (see `layers.linear`):
+
+        A = GELU(H)                              recomputed, elementwise
+        dW2 += dY^T A,  db2 += sum dY            then A is freed
+        dA = dY W2
+        dH = GELU'(H) * dA                       written over dA
+        dW1 += dH^T X,  db1 += sum dH
+        dX = dH W1
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, params: tuple, approximate: str) -> Tensor:
+        w1, b1, w2, b2 = params
+        h = F.linear(x, w1, b1)
+        ctx.save_for_backward(x, h)
+        ctx.params, ctx.approximate = params, approximate
+        return F.linear(F.gelu(h, approximate=approximate), w2, b2)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, h = ctx.saved_tensors
+        w1, b1, w2, b2 = ctx.params
+        dy = dy.contiguous()
+        a = F.gelu(h, approximate=ctx.approximate)
+        _add_linear_grads(w2, b2, dy, a)
+        del a
+        da = dy @ w2
+        dh = torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
+        _add_linear_grads(w1, b1, dh, x)
+        return (dh @ w1 if ctx.needs_input_grad[0] else None), None, None
+
+
+def _add_linear_grads(weight: Tensor, bias, dy: Tensor, x: Tensor) -> None:
+    """weight.grad += dY^T X and bias.grad += sum dY over all tokens, in place."""
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    weight.grad.addmm_(dy.t(), x)
+    if bias is not None:
+        bias.grad.add_(dy.sum(0))
 
 
 class MlpBranch(nn.Module):
