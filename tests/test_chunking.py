@@ -230,14 +230,14 @@ def test_the_forward_is_whole_under_the_automatic_split_and_split_more_coarsely_
     g, f = MlpBranch(64, 4.0), AttentionBranch(64, 4, qkv_bias=True)
     large = torch.empty(4, 1200, 64)
     assert chunks.pieces(g, large, None, forward=True) == chunks.pieces(f, large, None, forward=True) == [None]
-    budget = 2 * large.nbytes  # backward: 16 units in pieces of 2 -> 8; forward: 6 units -> 3
-    assert len(chunks.pieces(g, large, budget)) == 8
-    assert len(chunks.pieces(g, large, budget, forward=True)) == 3
-    assert chunks.pieces(f, large, budget, forward=True) == [(0, 3), (1, 3), (2, 3)]
+    budget = 4 * large.nbytes  # backward: 16 units in pieces of 4 -> 4; forward: 8 units -> 2
+    assert len(chunks.pieces(g, large, budget)) == 4
+    assert len(chunks.pieces(g, large, budget, forward=True)) == 2
+    assert chunks.pieces(f, large, budget, forward=True) == [(0, 2), (1, 2)]
 
 
 def test_a_whole_forward_does_not_raise_the_automatic_splits_peak(monkeypatch):
-    """The forward without a graph holds ~6 units whole (the MLP's hidden layer activated in place); the
+    """The forward without a graph holds 6-8 units whole (the MLP's hidden layer activated in place); the
     automatic backward's three slices of G hold more, so running the forward whole costs no memory."""
     torch.manual_seed(0)
     model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=0.0)

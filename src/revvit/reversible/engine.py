@@ -162,13 +162,12 @@ class ReversibleStack(nn.Module):
         `fn.forward_part(x, k, n)`, e.g. attention over groups of heads) one part at a time. Each piece's
         activations are estimated as 16x its share of the input, and pieces are made so that this stays
         under `chunk_bytes`. None (default): automatic, three token slices or two parts (the cheap part of
-        the saving: Rev-ViT-S 5.17 -> 2.89 MB per image; 5-20% more step time than unsplit on CPU, the same
-        as the previous two-and-two default, which held 3.59), and no splitting when a whole recomputation
-        is below 16 MiB (it would only cost time). 0: never split. A small budget (e.g. 1) splits as far as
-        F and G allow: least memory (2.23 MB per image; 4 MiB pieces 2.50), slower steps.
-        Functions that draw random numbers (dropout) are never split. The forward, which keeps no graph,
-        holds ~6x its input whole and is split only under a given budget. The gradients are the same
-        either way (up to rounding).
+        the saving: Rev-ViT-S 4.31 -> 2.88 MB per image for ~10% more step time than unsplit on a 2-core
+        CPU), and no splitting when a whole recomputation is below 16 MiB (it would only cost time).
+        0: never split. A small budget (e.g. 1) splits as far as F and G allow: least memory (2.23 MB per
+        image; 4 MiB pieces 2.50), slower steps. Functions that draw random numbers (dropout) are never
+        split. The forward, which keeps no graph, holds 6-8x its input whole and is split only under a
+        given budget. The gradients are the same either way (up to rounding).
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):

@@ -16,10 +16,11 @@ __all__ = ["pieces", "sole_user", "add"]
 
 PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
 # without a graph (the forward) a piece holds its LayerNorm output, its output and either the MLP's hidden
-# layer (activated in place) or attention's q, k, v and heads' output: about 6 units. Whole, that is below
-# the automatic split's backward peak (Rev-ViT-S: 2.89 MB per image with the forward whole or in three
-# slices), so the forward is split only under a given budget; whole it runs the larger, faster products.
-FORWARD_UNITS = 6
+# layer (activated in place) or attention's q, k, v and heads' output: 6-8 units, budgeted as 8 (at 6,
+# Rev-ViT-B's 4 MiB pieces peaked in the forward, 5.42 vs 5.30 MB per image). Whole, that is below the
+# automatic split's backward peak (Rev-ViT-S: 2.89 MB per image with the forward whole or in three slices),
+# so the forward is split only under a given budget; whole it runs the larger, faster products.
+FORWARD_UNITS = 8
 AUTO_MIN_BYTES = 16 * 1024 ** 2
 # automatic: 3 token slices of a per-token fn, 2 parts of a sum. A part costs more time than a slice (each
 # recomputes F's LayerNorm and makes a full-width output and input gradient); measured on Rev-ViT-S:
