@@ -7,6 +7,7 @@ import torch
 from helpers import assert_reversible_matches_autograd
 from revvit.bench.memory import StorageMeter, measure_training_memory
 from revvit.layers import mlp
+from revvit.layers.linear import Linear
 from revvit.layers.mlp import Mlp, MlpBranch
 from revvit.reversible import ReversibleBlock, ReversibleStack
 
@@ -67,3 +68,30 @@ def test_an_unsplit_recomputation_holds_two_hidden_layers_not_three():
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
     assert measure_training_memory(model, x).peak_bytes <= 15.5 * unit
+
+
+class Doubled(Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_a_linear_layer_with_its_own_forward_is_called_not_bypassed():
+    stack = mlp_stack(2)
+    for block in stack.blocks:
+        fc1 = block.g.mlp.fc1
+        block.g.mlp.fc1 = Doubled(fc1.in_features, fc1.out_features).double()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v),
+                                       loss=lambda out: out[0].sum() + out[1].square().sum())
+
+
+def test_without_grad_a_global_module_hook_still_sees_the_activation():
+    mlp_, x = mlp_and_input()
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: seen.append(type(m).__name__))
+    try:
+        with torch.no_grad():
+            mlp_(x)
+    finally:
+        handle.remove()
+    assert "GELU" in seen

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hooks import has_hooks
 from .linear import Linear, adds_into_grad
 
 
@@ -22,8 +23,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         plain = self._plain_gelu_mlp()
-        if plain and not torch.is_grad_enabled():  # no graph: the hidden layer is held once, not twice
-            h = torch.ops.aten.gelu_(self.fc1(x), approximate=self.act.approximate)
+        if plain and not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+            h = torch.ops.aten.gelu_(self.fc1(x), approximate=self.act.approximate)  # the hidden layer once
             return self.fc2(h)
         params = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         if plain and adds_into_grad(x, params):  # recomputed by the reversible engine
@@ -31,10 +32,11 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
     def _plain_gelu_mlp(self) -> bool:
-        """Linear -> GELU -> Linear and nothing else: no dropout, no hooks that a fused path would bypass."""
+        """Linear -> GELU -> Linear and nothing else (no subclass with its own forward, no dropout, no hooks):
+        what the fused paths compute, bypassing the modules' calls."""
         return (type(self.act) is nn.GELU and isinstance(self.drop, nn.Identity)
-                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                            or m._backward_pre_hooks for m in (self.act, self.fc1, self.fc2)))
+                and type(self.fc1) in (Linear, nn.Linear) and type(self.fc2) in (Linear, nn.Linear)
+                and not any(has_hooks(m) for m in (self.act, self.fc1, self.fc2, self.drop)))
 
 
 class _RecomputedMlp(torch.autograd.Function):

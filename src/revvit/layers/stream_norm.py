@@ -28,6 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from ..reversible import join_streams
 from ..reversible.replay import AutocastState
+from .hooks import has_hooks
 
 __all__ = ["norm_streams", "mean_tokens"]
 
@@ -38,7 +39,7 @@ MIN_SLICE_BYTES = 2 ** 16  # below this a slice is not worth a kernel launch: sm
 def norm_streams(norm: nn.Module, y1: Tensor, y2: Tensor, lean: bool = True) -> Tensor:
     """`norm(cat([y1, y2], -1))` for (B, N, ..., C) streams. A plain `nn.LayerNorm` over the 2C features
     takes the lean path (unless `lean=False`); any other norm (or Identity) gets the concatenation."""
-    lean = (lean and type(norm) is nn.LayerNorm and not _has_hooks(norm) and _worth_it(y1, y2)
+    lean = (lean and type(norm) is nn.LayerNorm and not has_hooks(norm) and _worth_it(y1, y2)
             and y1.ndim >= 3 and y1.shape == y2.shape and norm.normalized_shape == (2 * y1.shape[-1],))
     if not lean:
         return norm(join_streams(y1, y2))
@@ -56,15 +57,6 @@ def _worth_it(*xs: Tensor) -> bool:
     """Whether a graph is being recorded through `xs` by plain autograd (no compile, no torch.func)."""
     return (torch.is_grad_enabled() and any(x.requires_grad for x in xs) and all(x.numel() > 0 for x in xs)
             and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active())
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Hooks that calling `module` would run (its own, or global ones): the lean path would bypass them."""
-    from torch.nn.modules import module as m
-
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
-                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 class _MeanTokens(torch.autograd.Function):
