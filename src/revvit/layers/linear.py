@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..reversible.replay import gradient_buffer
 
-__all__ = ["Linear", "linear_parts", "adds_into_grad"]
+__all__ = ["Linear", "linear_parts", "adds_into_grad", "add_weight_grads"]
 
 Part = tuple[Tensor, Optional[Tensor], slice, slice]  # (weight, bias, output rows, input columns)
 
@@ -38,6 +38,16 @@ def adds_into_grad(x: Tensor, params: Sequence[Optional[Tensor]]) -> bool:
     return (not torch.compiler.is_compiling() and torch.is_grad_enabled() and x.requires_grad
             and not torch.is_autocast_enabled(x.device.type)
             and all(p is None or (gradient_buffer(p) is not None and p.dtype == x.dtype) for p in params))
+
+
+def add_weight_grads(weight: Tensor, bias: Optional[Tensor], dy: Tensor, x: Tensor, rows: slice = slice(None),
+                     cols: slice = slice(None)) -> None:
+    """weight.grad[rows, cols] += dY^T X and bias.grad[rows] += sum dY over all tokens, in place (`.grad` is
+    the parameter's)."""
+    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    weight.grad[rows, cols].addmm_(dy.t(), x)
+    if bias is not None:
+        bias.grad[rows].add_(dy.sum(0))
 
 
 def _stacked(parts: Sequence[Part]) -> tuple[Tensor, Optional[Tensor]]:
@@ -66,9 +76,7 @@ class _IntoGrad(torch.autograd.Function):
         start = 0
         for w, b, rows, cols in ctx.parts:
             g = dy2[:, start:start + w[rows].shape[0]]
-            w.grad[rows, cols].addmm_(g.t(), x2)  # in place: .grad is the parameter's
-            if b is not None:
-                b.grad[rows].add_(g.sum(0))
+            add_weight_grads(w, b, g, x2, rows, cols)
             start += g.shape[1]
         dx = dy @ _stacked(ctx.parts)[0] if ctx.needs_input_grad[0] else None
         return dx, None

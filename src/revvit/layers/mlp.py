@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .hooks import has_hooks
-from .linear import Linear, adds_into_grad
+from .linear import Linear, add_weight_grads, adds_into_grad
 
 
 class Mlp(nn.Module):
@@ -66,20 +66,12 @@ class _RecomputedMlp(torch.autograd.Function):
         w1, b1, w2, b2 = ctx.params
         dy = dy.contiguous()
         a = F.gelu(h, approximate=ctx.approximate)
-        _add_linear_grads(w2, b2, dy, a)
+        add_weight_grads(w2, b2, dy, a)
         del a
         da = dy @ w2
         dh = torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
-        _add_linear_grads(w1, b1, dh, x)
+        add_weight_grads(w1, b1, dh, x)
         return (dh @ w1 if ctx.needs_input_grad[0] else None), None, None
-
-
-def _add_linear_grads(weight: Tensor, bias, dy: Tensor, x: Tensor) -> None:
-    """weight.grad += dY^T X and bias.grad += sum dY over all tokens, in place."""
-    dy, x = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-    weight.grad.addmm_(dy.t(), x)
-    if bias is not None:
-        bias.grad.add_(dy.sum(0))
 
 
 class MlpBranch(nn.Module):
