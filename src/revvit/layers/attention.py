@@ -72,6 +72,8 @@ class AttentionBranch(nn.Module):
     """F of Rev-ViT: LayerNorm -> multi-head self-attention, (B, N, D) -> (B, N, D). No residual: the
     stream adds it."""
 
+    per_sample = True  # no batch statistics: the reversible engine may recompute it over slices of the batch
+
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=1e-6)

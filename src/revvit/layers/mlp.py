@@ -44,32 +44,40 @@ class _RecomputedMlp(torch.autograd.Function):
     only. Its backward holds two hidden-sized tensors at a time, where autograd's holds three (H, GELU(H)
     and dA), and adds the weight gradients into `.grad` in place (see `layers.linear`):
 
-        A = GELU(H)                              recomputed, elementwise
-        dW2 += dY^T A,  db2 += sum dY            then A is freed
         dA = dY W2
         dH = GELU'(H) * dA                       written over dA
+        A = GELU(H)                              written over H (not needed any more)
+        dW2 += dY^T A,  db2 += sum dY            then A is freed
         dW1 += dH^T X,  db1 += sum dH
         dX = dH W1
+
+    H belongs to this Function alone (made in its forward), so it is kept on `ctx` rather than saved:
+    the backward can then free it before dX is made. One backward per forward (the engine's case).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, params: tuple, approximate: str) -> Tensor:
         w1, b1, w2, b2 = params
         h = F.linear(x, w1, b1)
-        ctx.save_for_backward(x, h)
-        ctx.params, ctx.approximate = params, approximate
+        ctx.save_for_backward(x)
+        ctx.hidden, ctx.params, ctx.approximate = h, params, approximate
         return F.linear(F.gelu(h, approximate=approximate), w2, b2)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, h = ctx.saved_tensors
+        (x,), h = ctx.saved_tensors, ctx.hidden
+        if h is None:
+            raise RuntimeError("the reversible engine's fused MLP was back-propagated twice (retain_graph); "
+                               "its hidden layer is used up by the first backward")
+        ctx.hidden = None
         w1, b1, w2, b2 = ctx.params
         dy = dy.contiguous()
-        a = F.gelu(h, approximate=ctx.approximate)
+        dh = dy @ w2
+        dh = torch.ops.aten.gelu_backward.grad_input(dh, h, approximate=ctx.approximate, grad_input=dh)
+        a = torch.ops.aten.gelu_(h, approximate=ctx.approximate)
+        del h
         add_weight_grads(w2, b2, dy, a)
         del a
-        da = dy @ w2
-        dh = torch.ops.aten.gelu_backward.grad_input(da, h, approximate=ctx.approximate, grad_input=da)
         add_weight_grads(w1, b1, dh, x)
         return (dh @ w1 if ctx.needs_input_grad[0] else None), None, None
 

@@ -152,6 +152,8 @@ class PoolingAttentionBranch(nn.Module):
     PoolingAttention (qkv layout, pooling kernels and strides).
     """
 
+    per_sample = True  # no batch statistics: the reversible engine may recompute it over slices of the batch
+
     def __init__(self, dim: int, dim_out: int, num_heads: int, grid: Grid, **kwargs):
         super().__init__()
         self.grid = tuple(grid)

@@ -169,6 +169,10 @@ class _OnGrid:
     def max_parts(self) -> int:
         return self.f.max_parts
 
+    @property
+    def per_sample(self) -> bool:
+        return getattr(self.f, "per_sample", False)
+
     def __call__(self, x: Tensor) -> Tensor:
         return self.f(x, self.grid)
 

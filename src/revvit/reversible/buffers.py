@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .pieces import sole_user
+from .pieces import is_slice, sole_user
 
 __all__ = ["python_refs", "take", "hand_down", "add_into", "join_streams"]
 
@@ -67,8 +67,8 @@ def add_into(grads: list[Optional[Tensor]], s: int, d: Optional[Tensor], piece, 
         grads[s] = torch.zeros_like(like, memory_format=torch.contiguous_format)
     if made_on_side_stream:
         d.record_stream(torch.cuda.current_stream(d.device))
-    if isinstance(piece, slice):
-        grads[s][:, piece].add_(d)
+    if is_slice(piece):
+        grads[s][piece].add_(d)
     else:
         grads[s].add_(d)
 

@@ -66,6 +66,7 @@ from torch import Tensor, nn
 
 from . import buffers
 from . import pieces as chunks
+from .drop_path import add_dropped, drop, mask_of, through_drop_path
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
@@ -125,7 +126,7 @@ class ReversibleBlock(nn.Module):
             return run(x1, x2)
         streams, mask = [x1, x2], self.sample_mask(x1)
         for fn, t in self.couplings():
-            streams[t] = streams[t] + _drop(fn(streams[1 - t]), mask)
+            streams[t] = streams[t] + drop(fn(streams[1 - t]), mask)
         return streams[0], streams[1]
 
     def extra_repr(self) -> str:
@@ -223,11 +224,6 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
     return x1, x2
 
 
-def _drop(x: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """DropPath with a mask drawn beforehand (None: keep everything)."""
-    return x if mask is None else x * mask
-
-
 def _sharded(block: nn.Module) -> bool:
     """Whether `block` is sharded by FSDP2 (`fully_shard`): it must be called, not bypassed, in the forward,
     and its parameters gathered (`unshard`, a no-op when they are) before a recomputation."""
@@ -280,13 +276,13 @@ class _Tape:
         r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
         pieces = self.pieces(index, b, forward=True)
         if pieces == [None]:
-            return a + r.call(b, replay=False)[0]
+            return add_dropped(a, r.call(b, replay=False)[0], r.mask, out_of_place=True)
         out = a.clone()
         for piece in pieces:
-            if isinstance(piece, slice):
-                out[:, piece] += r.call(b[:, piece], replay=False)[0]
+            if chunks.is_slice(piece):
+                add_dropped(out[piece], r.call(b[piece], replay=False)[0], mask_of(r.mask, piece))
             else:
-                out += r.call(b, piece, replay=False)[0]
+                add_dropped(out, r.call(b, piece, replay=False)[0], r.mask)
         return out
 
     def end_forward(self, streams: list[Tensor]) -> None:
@@ -307,7 +303,8 @@ class _Tape:
         with torch.no_grad():
             while self.top > index:
                 r = self.records[self.top]
-                self.streams[r.target] = self.streams[r.target] - r.call(self.streams[1 - r.target])[0]
+                fn_b = r.call(self.streams[1 - r.target])[0]
+                self.streams[r.target] = add_dropped(self.streams[r.target], fn_b, r.mask, -1, out_of_place=True)
                 self.pending.pop(self.top, None)
                 self.top -= 1
         return self.streams
@@ -346,9 +343,10 @@ class _Tape:
             return leaf, out, params
         r = self.records[index]
         b = self.streams[1 - r.target]
-        leaf = (b if not isinstance(piece, slice) else b[:, piece]).detach().requires_grad_(True)
+        leaf = (b[piece] if chunks.is_slice(piece) else b).detach().requires_grad_(True)
         with torch.enable_grad():
-            out, params = r.call(leaf, piece if isinstance(piece, tuple) else None, swap=self.gradient_plan(index)[1])
+            out, params = r.call(leaf, piece if isinstance(piece, chunks.Part) else None,
+                                 swap=self.gradient_plan(index)[1])
         return leaf, out, params
 
     def rebuild_input(self, index: int, piece, fn_b: Tensor) -> None:
@@ -359,13 +357,13 @@ class _Tape:
             if piece is None:
                 self.streams[r.target] = self.inputs[r.target]  # kept: exact, not a reconstruction
             return  # pieces: see finish_rebuild
-        with torch.no_grad():
+        mask = mask_of(r.mask, piece)
+        with torch.no_grad():  # X = Y - DropPath(fn(...))
             if self.parallel:
-                self.streams[r.target] = self.streams[r.target] - fn_b  # X = Y - DropPath(fn(...))
-            elif isinstance(piece, slice):
-                self.streams[r.target][:, piece].sub_(fn_b)
+                self.streams[r.target] = add_dropped(self.streams[r.target], fn_b, mask, -1, out_of_place=True)
             else:
-                self.streams[r.target].sub_(fn_b)
+                add_dropped(self.streams[r.target][piece] if chunks.is_slice(piece) else self.streams[r.target],
+                             fn_b, mask, -1)
 
     def finish_rebuild(self, index: int) -> None:
         r = self.records[index]
@@ -413,7 +411,7 @@ class _Record:
                 parameters_swapped(self.fn.modules(), swap or {}):
             params = [p for p in self.fn.parameters() if p.requires_grad]
             y = self.fn(b) if part is None else self.fn.forward_part(b, *part)
-        return _drop(y, self.mask), params
+        return y, params
 
 
 # -- the backward, one block at a time --------------------------------------------------------------
@@ -467,12 +465,13 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
         leaf, fn_b, params = tape.recompute_piece(index, piece)
         # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
         tape.rebuild_input(index, piece, fn_b.detach())
-        root = gradient_root(fn_b)  # fn(b)'s graph; its value is used up and freed now
+        # fn(b)'s graph, ending in DropPath's backward (d fn(b) = mask * d stream[t]); its value is freed now
+        root = gradient_root(through_drop_path(fn_b, mask_of(r.mask, piece)))
         if tape.parallel:
             tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
         # back-propagate d stream[t] (dY2 in (5), dY1 in (6)) through fn: (d fn/d b)^T d stream[t], and
         # d W_fn = (d fn/d W)^T d stream[t], added to .grad as it is made (or handed back under autograd.grad)
-        d = grads[r.target] if not isinstance(piece, slice) else grads[r.target][:, piece]
+        d = grads[r.target][piece] if chunks.is_slice(piece) else grads[r.target]
         del fn_b
         d_leaf, d_piece_params = backprop(root, leaf, d, params, accumulate)
         del root, leaf, d

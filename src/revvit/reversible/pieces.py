@@ -1,57 +1,108 @@
 """How the reversible engine splits a recomputation into pieces, and the small tensor helpers it uses.
 
-A function F or G may declare that it is per token (`token_wise = True`: output token i depends only on
-input token i, e.g. an MLP) or a sum of parts (`max_parts > 1` and `forward_part(x, k, n)`: summed over
-k < n it is the whole, e.g. attention over groups of heads). The engine then computes and
-back-propagates it piece by piece, so at most one piece's activations are alive.
+A function F or G may declare how it can be computed piece by piece:
+
+* per sample (`per_sample = True`: output sample i depends only on input sample i, as for any layer
+  without batch statistics): over slices of the batch;
+* per token (`token_wise = True`: output token i depends only on input token i, e.g. an MLP; per sample
+  too): over slices of the batch or of the tokens;
+* a sum of parts (`max_parts > 1` and `forward_part(x, k, n)`: summed over k < n it is the whole, e.g.
+  attention over groups of heads): one summand at a time.
+
+The engine then computes and back-propagates it piece by piece, so at most one piece's activations are
+alive. Slices of the batch are preferred when there are enough samples: they are contiguous, recompute
+nothing twice and leave no partial sums (a part recomputes F's LayerNorm and makes a full-width output).
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["pieces", "sole_user", "add"]
+__all__ = ["Part", "Piece", "pieces", "is_slice", "sole_user", "add"]
+
+
+class Part(NamedTuple):
+    """The k-th of n summands of fn (`fn.forward_part(b, k, n)`)."""
+
+    k: int
+    n: int
+
+
+Piece = Union[None, tuple, Part]  # None: all of fn(b); a tuple of slices: an index of b (`b[piece]`); a Part
+
+
+def is_slice(piece: Piece) -> bool:
+    """Whether `piece` is an index of b (samples, or tokens of every sample), not a summand."""
+    return isinstance(piece, tuple) and not isinstance(piece, Part)
+
 
 PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
 # without a graph (the forward) a piece holds its LayerNorm output, its output and either the MLP's hidden
 # layer (activated in place) or attention's q, k, v and heads' output: 6-8 units, budgeted as 8 (at 6,
-# Rev-ViT-B's 4 MiB pieces peaked in the forward, 5.42 vs 5.30 MB per image). Whole, that is below the
-# automatic split's backward peak (Rev-ViT-S: 2.89 MB per image with the forward whole or in three slices),
-# so the forward is split only under a given budget; whole it runs the larger, faster products.
+# Rev-ViT-B's 4 MiB pieces peaked in the forward, 5.42 vs 5.30 MB per image). Whole, that is about the
+# automatic split's backward peak, so the forward is split only under a given budget; whole it runs the
+# larger, faster products.
 FORWARD_UNITS = 8
 AUTO_MIN_BYTES = 16 * 1024 ** 2
-# automatic: 3 token slices of a per-token fn, 2 parts of a sum. A part costs more time than a slice (each
-# recomputes F's LayerNorm and makes a full-width output and input gradient); measured on Rev-ViT-S:
-# 3 slices / 2 parts 2.89 MB per image at the step time of 2 / 2 (3.59; A/B 1.41 s vs 1.40 s), while
-# 3 / 3 holds no less memory (G's slices are the peak) and costs ~1.1x.
-AUTO_SLICES, AUTO_PARTS = 3, 2
+# automatic, by the first way fn allows: 2 slices of the batch, 3 slices of the tokens, 2 parts of a sum.
+# Measured on Rev-ViT-S (batch 4, 2-core CPU, A/B against unsplit): 2 / 2 halves of the batch 2.87 MB per
+# image at 1.05x; 3 token slices of G / 2 head groups of F 2.88 MB at 1.08x; finer splits hold less and
+# cost more time on a CPU (4 samples: 2.16 MB at 1.17x), where smaller products run ~10% slower.
+AUTO_SAMPLES, AUTO_SLICES, AUTO_PARTS = 2, 3, 2
+UNEVEN = 1.125  # a slice of the batch may hold this much more than its share before more slices are made
 
 
-def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> list:
-    """Split fn(b) into token slices (`fn.token_wise`) or summands (`fn.max_parts`), about
-    `PIECE_UNITS * b.nbytes / chunk_bytes` of them (automatic, None: AUTO_SLICES or AUTO_PARTS, none for
-    small inputs; a budget under one piece's need, e.g. 1, splits as finely as fn allows); [None]: whole.
-    `forward`: for the forward's computation without a graph, which holds far less (`FORWARD_UNITS`) and is
-    never split automatically. (chunk_bytes 0, "off", is the caller's to honour: `_Tape.pieces` does not
-    call this then.)"""
+def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> list[Piece]:
+    """Split fn(b) into slices of the batch (`fn.per_sample` or `fn.token_wise`), of the tokens
+    (`fn.token_wise`) or summands (`fn.max_parts`), about `PIECE_UNITS * b.nbytes / chunk_bytes` of them
+    (automatic, None: see AUTO_SAMPLES, none for small inputs; a budget under one piece's need, e.g. 1,
+    splits as finely as fn allows); [None]: whole. The first way that makes enough pieces is taken (the
+    batch, then the tokens, then the parts), else the finest. `forward`: for the forward's computation
+    without a graph, which holds far less (`FORWARD_UNITS`) and is never split automatically. (chunk_bytes
+    0, "off", is the caller's to honour: `_Tape.pieces` does not call this then.)"""
     token_wise, max_parts = getattr(fn, "token_wise", False), getattr(fn, "max_parts", 1)
-    if not (token_wise or max_parts > 1):
+    ways = []  # (how many pieces it allows at most, the way), in order of preference
+    if (token_wise or getattr(fn, "per_sample", False)) and b.ndim >= 1 and b.shape[0] > 1:
+        ways.append((b.shape[0], "samples"))
+    if token_wise and b.ndim >= 2 and b.shape[1] > 1:
+        ways.append((b.shape[1], "tokens"))
+    if max_parts > 1:
+        ways.append((max_parts, "parts"))
+    if not ways:
         return [None]
     need = (FORWARD_UNITS if forward else PIECE_UNITS) * b.nbytes
     if chunk_bytes is None:
         if forward or need <= AUTO_MIN_BYTES:
             return [None]
-        n = AUTO_SLICES if token_wise else AUTO_PARTS
+        way = ways[0][1]
+        n = {"samples": AUTO_SAMPLES, "tokens": AUTO_SLICES, "parts": AUTO_PARTS}[way]
     else:
         n = -(-need // max(1, chunk_bytes))
-    if token_wise and b.ndim >= 2:
-        n = max(1, min(n, b.shape[1]))
-        bounds = [round(i * b.shape[1] / n) for i in range(n + 1)]
-        return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])] if n > 1 else [None]
-    n = max(1, min(n, max_parts))
-    return [(k, n) for k in range(n)] if n > 1 else [None]
+        way = next((w for most, w in ways if most >= n), max(ways, key=lambda w: w[0])[1])
+    if n <= 1:
+        return [None]
+    if way == "samples":
+        return [(rows,) for rows in _even_slices(b.shape[0], _enough(b.shape[0], n))]
+    if way == "tokens":
+        return [(slice(None), tokens) for tokens in _even_slices(b.shape[1], min(n, b.shape[1]))]
+    n = min(n, max_parts)
+    return [Part(k, n) for k in range(n)]
+
+
+def _enough(total: int, n: int) -> int:
+    """How many near-even slices of `total` rows keep each within UNEVEN of a 1/n share (n or a few more)."""
+    m = min(n, total)
+    while m < total and math.ceil(total / m) > UNEVEN * total / n:
+        m += 1
+    return m
+
+
+def _even_slices(total: int, n: int) -> list[slice]:
+    bounds = [round(i * total / n) for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def sole_user(t: Tensor) -> bool:
