@@ -68,7 +68,7 @@ def compare(candidates: list[Candidate], x: torch.Tensor, setting: str, steps: i
 
 
 def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
-    """Rev-ViT (reversible with automatic, 4 MiB and no chunking of the recomputation), the same
+    """Rev-ViT (reversible with automatic, 4 MiB, 5 MiB and no chunking of the recomputation), the same
     model with autograd, timm's ViT, and timm's ViT with checkpointing."""
     rev_name, vit_name = f"rev_vit_{size}_patch16_224", f"vit_{size}_patch16_224"
     kwargs = dict(depth=depth, img_size=img_size, drop_path_rate=0.0)
@@ -84,6 +84,7 @@ def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
     return [
         Candidate(f"{rev_name} reversible", lambda: rev("reversible")),
         Candidate(f"{rev_name} reversible, 4 MiB pieces", lambda: rev("reversible").set_chunking(4 * 2 ** 20)),
+        Candidate(f"{rev_name} reversible, 5 MiB pieces", lambda: rev("reversible").set_chunking(5 * 2 ** 20)),
         Candidate(f"{rev_name} reversible, chunking off", lambda: rev("reversible").set_chunking(0)),
         Candidate(f"{rev_name} autograd", lambda: rev("autograd")),
         Candidate(f"timm {vit_name}", lambda: vit(False)),

@@ -158,17 +158,20 @@ class ReversibleStack(nn.Module):
     def set_chunking(self, chunk_bytes: Optional[int] = None) -> None:
         """How "reversible" mode splits the recomputation of F and G in backward.
 
-        A function that is per-token (`fn.token_wise = True`, e.g. an MLP) is recomputed and
-        back-propagated over slices of the tokens; one that is a sum of parts (`fn.max_parts > 1` and
-        `fn.forward_part(x, k, n)`, e.g. attention over groups of heads) one part at a time. Each piece's
-        activations are estimated as 16x its share of the input, and pieces are made so that this stays
-        under `chunk_bytes`. None (default): automatic, three token slices or two parts (the cheap part of
-        the saving: Rev-ViT-S 4.31 -> 2.88 MB per image for ~10% more step time than unsplit on a 2-core
-        CPU), and no splitting when a whole recomputation is below 16 MiB (it would only cost time).
-        0: never split. A small budget (e.g. 1) splits as far as F and G allow: least memory (2.23 MB per
-        image; 4 MiB pieces 2.50), slower steps. Functions that draw random numbers (dropout) are never
-        split. The forward, which keeps no graph, holds 6-8x its input whole and is split only under a
-        given budget. The gradients are the same either way (up to rounding).
+        F and G are recomputed and back-propagated in pieces when they allow it (see `reversible.pieces`):
+        slices of the batch for a function that is per sample (`fn.per_sample`) or per token
+        (`fn.token_wise`, e.g. an MLP), slices of the tokens for a per-token one, one summand at a time
+        for a sum of parts (`fn.max_parts > 1` and `fn.forward_part(x, k, n)`, e.g. attention over groups
+        of heads). Each piece's activations are estimated as 16x its share of the input, and pieces are
+        made so that this stays under `chunk_bytes`, by the batch when it has enough samples (contiguous,
+        nothing recomputed twice), else by the finer way. None (default): automatic, two halves of the
+        batch (one sample: three token slices or two head groups): Rev-ViT-S 4.31 -> 2.88 MB per image at
+        batch 4 for ~5% more step time than unsplit on a 2-core CPU; no splitting when a whole
+        recomputation is below 16 MiB (it would only cost time). 0: never split. A smaller budget holds
+        less for more time (Rev-ViT-S at batch 4: 5 MiB, single images, 2.30 MB per image; 4 MiB, token
+        slices and head groups, 2.50). Functions that draw random numbers (dropout) are never split. The
+        forward, which keeps no graph, holds 6-8x its input whole and is split only under a given budget.
+        The gradients are the same either way (up to rounding).
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):
