@@ -48,9 +48,9 @@ PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (m
 FORWARD_UNITS = 8
 AUTO_MIN_BYTES = 16 * 1024 ** 2
 # automatic, by the first way fn allows: 2 slices of the batch, 3 slices of the tokens, 2 parts of a sum.
-# Measured on Rev-ViT-S (batch 4, 2-core CPU, A/B against unsplit): 2 / 2 halves of the batch 2.87 MB per
-# image at 1.05x; 3 token slices of G / 2 head groups of F 2.88 MB at 1.08x; finer splits hold less and
-# cost more time on a CPU (4 samples: 2.16 MB at 1.17x), where smaller products run ~10% slower.
+# Measured on Rev-ViT-S (batch 4, 2-core CPU, A/B against unsplit): halves of the batch 2.88 MB per image
+# at 1.05x; 3 token slices of G / 2 head groups of F 2.88 MB at 1.08x; finer splits hold less and cost
+# more time on a CPU, where smaller products run ~10% slower (5 MiB pieces, single images: 2.30 MB, 1.13x).
 AUTO_SAMPLES, AUTO_SLICES, AUTO_PARTS = 2, 3, 2
 UNEVEN = 1.125  # a slice of the batch may hold this much more than its share before more slices are made
 
