@@ -14,7 +14,6 @@ import shutil
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from helpers import weighted_sum
@@ -22,14 +21,14 @@ from revvit.train import checkpoint as ckpt
 from revvit.train import fit
 from revvit.train.sharding import local_value, shard_model, shard_units
 from test_models import NAMES, example_input, small
-from test_train import _free_port, tiny
+from test_train import spawn_two, tiny
 
 REVERSIBLE = [n for n in NAMES if hasattr(small(n), "set_chunking")]
 CASES = [("reversible", 0), ("reversible", 1), ("parallel", None)]  # (backprop, chunk_bytes: 0 off, 1 finest)
 
 
 def _spawn(fn, *args) -> None:
-    mp.start_processes(fn, args=(_free_port(), *args), nprocs=2, start_method="spawn", join=True)
+    spawn_two(fn, *args)
 
 
 def _torchrun_env(rank: int, port: int) -> None:

@@ -310,7 +310,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, overrides: list, out: str) -> None:
+def spawn_two(fn, *args, tries: int = 3) -> None:
+    """`fn(rank, port, *args)` in two spawned processes that rendezvous on a free port. The port is free when
+    chosen but not held until rank 0 binds it, seconds later; if another process took it in between, the
+    processes fail with "address already in use" and the pair is started again on another port."""
+    for attempt in range(tries):
+        try:
+            mp.start_processes(fn, args=(_free_port(), *args), nprocs=2, start_method="spawn", join=True)
+            return
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            if attempt + 1 == tries or not any(s in str(e) for s in ("EADDRINUSE", "ddress already in use")):
+                raise
+
+
+def _worker(rank: int, port: int, world: int, overrides: list, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     fit(tiny(*overrides), out)
@@ -322,8 +335,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tmp_path)
     # and DDP's gradient average over ranks equals the loss mean over the global batch.
     overrides = ["epochs=2", "batch_size=16", "steps_per_epoch=4", "lr=0.01", "clip_grad=1.0", "device=cpu"]
     fit(tiny(*overrides), tmp_path / "one")
-    mp.start_processes(_worker, args=(2, _free_port(), overrides, str(tmp_path / "two")), nprocs=2,
-                       start_method="spawn", join=True)
+    spawn_two(_worker, 2, overrides, str(tmp_path / "two"))
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     start = torch.load(tmp_path / "one" / "ckpt_00000004.pt", weights_only=True)["model"]
     assert any(not torch.equal(start[k], one[k]) for k in one)  # training moved the weights
