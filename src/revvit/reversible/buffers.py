@@ -58,9 +58,9 @@ def _nothing() -> None:
 
 def add_into(grads: list[Optional[Tensor]], s: int, d: Optional[Tensor], piece, like: Tensor,
              made_on_side_stream: bool = False) -> None:
-    """grads[s] += d in place (on the token slice `piece`, if it is one); a missing grads[s] starts as zeros
-    shaped `like`. `made_on_side_stream`: d was made on a side CUDA stream ("parallel") whose work autograd
-    has made this stream wait for; it is used and freed on this one."""
+    """grads[s] += d in place (on the slice `piece` of the batch or tokens, if it is one); a missing grads[s]
+    starts as zeros shaped `like`. `made_on_side_stream`: d was made on a side CUDA stream ("parallel")
+    whose work autograd has made this stream wait for; it is used and freed on this one."""
     if d is None:
         return
     if grads[s] is None:

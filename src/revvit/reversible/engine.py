@@ -164,14 +164,15 @@ class ReversibleStack(nn.Module):
         for a sum of parts (`fn.max_parts > 1` and `fn.forward_part(x, k, n)`, e.g. attention over groups
         of heads). Each piece's activations are estimated as 16x its share of the input, and pieces are
         made so that this stays under `chunk_bytes`, by the batch when it has enough samples (contiguous,
-        nothing recomputed twice), else by the finer way. None (default): automatic, two halves of the
-        batch (one sample: three token slices or two head groups): Rev-ViT-S 4.31 -> 2.88 MB per image at
-        batch 4 for ~5% more step time than unsplit on a 2-core CPU; no splitting when a whole
-        recomputation is below 16 MiB (it would only cost time). 0: never split. A smaller budget holds
-        less for more time (Rev-ViT-S at batch 4: 5 MiB, single images, 2.30 MB per image; 4 MiB, token
-        slices and head groups, 2.50). Functions that draw random numbers (dropout) are never split. The
-        forward, which keeps no graph, holds 6-8x its input whole and is split only under a given budget.
-        The gradients are the same either way (up to rounding).
+        nothing recomputed twice), else by the finer way. None (default): automatic, two near-even slices
+        of the batch (each within 1/8 of its share, so an odd batch may make more: 3 -> 1+1+1, 5 -> 2+1+2;
+        one sample: three token slices or two head groups): Rev-ViT-S 4.31 -> 2.88 MB per image at batch 4
+        for ~5% more step time than unsplit on a 2-core CPU; no splitting when a whole recomputation is
+        below 16 MiB (it would only cost time). 0: never split. A smaller budget holds less for more time
+        (Rev-ViT-S at batch 4: 5 MiB, single images, 2.30 MB per image for ~13%; 4 MiB, token slices and
+        head groups, 2.50). Functions that draw random numbers (dropout) are never split. The forward,
+        which keeps no graph, holds 6-8x its input whole and is split only under a given budget. The
+        gradients are the same either way (up to rounding).
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):
@@ -272,8 +273,8 @@ class _Tape:
         return _BlockFunction.apply(x1, x2, self, index, len(self.records) - index, *params)
 
     def couple(self, index: int, a: Tensor, b: Tensor) -> Tensor:
-        """Apply coupling `index`, a + DropPath(fn(b)), without a graph: whole, or in pieces if a given
-        chunk budget asks for it (see `pieces`); its random state is taken just before fn runs, if fn is
+        """Apply coupling `index`, a + DropPath(fn(b)), without a graph: whole, or in pieces (see
+        `pieces`); its random state is taken just before fn runs, if fn is
         random at all."""
         r = self.records[index]
         r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
@@ -328,14 +329,15 @@ class _Tape:
 
     def pieces(self, index: int, b: Tensor, forward: bool = False) -> list:
         """How coupling `index` is computed (in the forward without a graph, or recomputed and
-        back-propagated) from the stream `b` its fn reads: [None] (whole), token slices, or (part, parts)."""
+        back-propagated) from the stream `b` its fn reads: [None] (whole), slices of the batch or of the
+        tokens (an index of b), or `Part`s (the k-th of n summands)."""
         r = self.records[index]
         if self.parallel or r.rng is not None or self.chunk_bytes == 0:
             return [None]
         return chunks.pieces(r.fn, b, self.chunk_bytes, forward=forward)
 
     def recompute_piece(self, index: int, piece) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """(leaf, DropPath(fn(leaf)) or its piece, fn's parameters as the call saw them), with a graph from
+        """(leaf, fn(leaf) or its piece, fn's parameters as the call saw them), with a graph from
         the leaf: started earlier on a side stream ("parallel"), or computed now."""
         self.on_side_stream = False
         if index in self.pending:
@@ -400,7 +402,8 @@ class _Record:
 
     def call(self, b: Tensor, part: Optional[tuple[int, int]] = None, replay: bool = True,
              swap: Optional[dict[int, Tensor]] = None) -> tuple[Tensor, list[Tensor]]:
-        """(DropPath(fn(b)), fn's trainable parameters as seen by the call); `part` = (k, n): only the k-th
+        """(fn(b), fn's trainable parameters as seen by the call: DropPath is the caller's, see
+        `drop_path`); `part` = (k, n): only the k-th
         of n summands of fn. `replay`: a recomputation, with the forward's random draws and autocast state
         (the forward itself runs with the live ones). `swap`: stand-ins used in place of parameters."""
         if replay and self.sharded:
@@ -463,7 +466,7 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
     accumulate = tape.gradient_plan(index)[0]  # None: autograd.grad is running and wants them back
     b = tape.streams[1 - r.target]  # the stream fn read: Y1 in (5), X2 in (6)
     d_params = None
-    for piece in tape.pieces(index, b):  # the whole of fn, token slices, or summands
+    for piece in tape.pieces(index, b):  # the whole of fn, slices of the batch or tokens, or summands
         # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
         leaf, fn_b, params = tape.recompute_piece(index, piece)
         # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)

@@ -51,6 +51,8 @@ AUTO_MIN_BYTES = 16 * 1024 ** 2
 # Measured on Rev-ViT-S (batch 4, 2-core CPU, A/B against unsplit): halves of the batch 2.88 MB per image
 # at 1.05x; 3 token slices of G / 2 head groups of F 2.88 MB at 1.08x; finer splits hold less and cost
 # more time on a CPU, where smaller products run ~10% slower (5 MiB pieces, single images: 2.30 MB, 1.13x).
+# Quarters of the batch (with halves in the forward) cost 5-9% over halves at batch 16 too (slices of 4
+# images, products as large as batch 4's unsplit ones): each piece's pass over the weight gradients.
 AUTO_SAMPLES, AUTO_SLICES, AUTO_PARTS = 2, 3, 2
 UNEVEN = 1.125  # a slice of the batch may hold this much more than its share before more slices are made
 
