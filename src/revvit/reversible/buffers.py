@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .pieces import is_slice, sole_user
+from .pieces import region, sole_user
 
 __all__ = ["python_refs", "take", "hand_down", "add_into", "join_streams"]
 
@@ -67,10 +67,7 @@ def add_into(grads: list[Optional[Tensor]], s: int, d: Optional[Tensor], piece, 
         grads[s] = torch.zeros_like(like, memory_format=torch.contiguous_format)
     if made_on_side_stream:
         d.record_stream(torch.cuda.current_stream(d.device))
-    if is_slice(piece):
-        grads[s][piece].add_(d)
-    else:
-        grads[s].add_(d)
+    region(grads[s], piece).add_(d)
 
 
 def join_streams(y1: Tensor, y2: Tensor) -> Tensor:

@@ -283,10 +283,9 @@ class _Tape:
             return add_dropped(a, r.call(b, replay=False)[0], r.mask, out_of_place=True)
         out = a.clone()
         for piece in pieces:
-            if chunks.is_slice(piece):
-                add_dropped(out[piece], r.call(b[piece], replay=False)[0], mask_of(r.mask, piece))
-            else:
-                add_dropped(out, r.call(b, piece, replay=False)[0], r.mask)
+            part = piece if isinstance(piece, chunks.Part) else None
+            add_dropped(chunks.region(out, piece), r.call(chunks.region(b, piece), part, replay=False)[0],
+                        mask_of(r.mask, piece))
         return out
 
     def end_forward(self, streams: list[Tensor]) -> None:
@@ -348,7 +347,7 @@ class _Tape:
             return leaf, out, params
         r = self.records[index]
         b = self.streams[1 - r.target]
-        leaf = (b[piece] if chunks.is_slice(piece) else b).detach().requires_grad_(True)
+        leaf = chunks.region(b, piece).detach().requires_grad_(True)
         with torch.enable_grad():
             out, params = r.call(leaf, piece if isinstance(piece, chunks.Part) else None,
                                  swap=self.gradient_plan(index)[1])
@@ -367,8 +366,7 @@ class _Tape:
             if self.parallel:
                 self.streams[r.target] = add_dropped(self.streams[r.target], fn_b, mask, -1, out_of_place=True)
             else:
-                add_dropped(self.streams[r.target][piece] if chunks.is_slice(piece) else self.streams[r.target],
-                             fn_b, mask, -1)
+                add_dropped(chunks.region(self.streams[r.target], piece), fn_b, mask, -1)
 
     def finish_rebuild(self, index: int) -> None:
         r = self.records[index]
@@ -477,7 +475,7 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
             tape.prefetch(index - 1)  # the coupling below recomputes while this one back-propagates
         # back-propagate d stream[t] (dY2 in (5), dY1 in (6)) through fn: (d fn/d b)^T d stream[t], and
         # d W_fn = (d fn/d W)^T d stream[t], added to .grad as it is made (or handed back under autograd.grad)
-        d = grads[r.target][piece] if chunks.is_slice(piece) else grads[r.target]
+        d = chunks.region(grads[r.target], piece)
         del fn_b
         d_leaf, d_piece_params = backprop(root, leaf, d, params, accumulate)
         del root, leaf, d

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Part", "Piece", "pieces", "is_slice", "sole_user", "add"]
+__all__ = ["Part", "Piece", "pieces", "is_slice", "region", "sole_user", "add"]
 
 
 class Part(NamedTuple):
@@ -37,6 +37,12 @@ Piece = Union[None, tuple, Part]  # None: all of fn(b); a tuple of slices: an in
 def is_slice(piece: Piece) -> bool:
     """Whether `piece` is an index of b (samples, or tokens of every sample), not a summand."""
     return isinstance(piece, tuple) and not isinstance(piece, Part)
+
+
+def region(t: Tensor, piece: Piece) -> Tensor:
+    """The part of a stream-shaped `t` that `piece` reads or writes: a view `t[piece]` for a slice, all of t
+    for the whole or a summand."""
+    return t[piece] if is_slice(piece) else t
 
 
 PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
