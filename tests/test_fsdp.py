@@ -21,24 +21,14 @@ from revvit.train import checkpoint as ckpt
 from revvit.train import fit
 from revvit.train.sharding import local_value, shard_model, shard_units
 from test_models import NAMES, example_input, small
-from test_train import spawn_two, tiny
+from test_train import spawn_two, tiny, torchrun_env
 
 REVERSIBLE = [n for n in NAMES if hasattr(small(n), "set_chunking")]
 CASES = [("reversible", 0), ("reversible", 1), ("parallel", None)]  # (backprop, chunk_bytes: 0 off, 1 finest)
 
 
-def _spawn(fn, *args) -> None:
-    spawn_two(fn, *args)
-
-
-def _torchrun_env(rank: int, port: int) -> None:
-    """What torchrun sets for rank `rank` of 2."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
-
-
 def _join(rank: int, port: int) -> None:
-    _torchrun_env(rank, port)
+    torchrun_env(rank, port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
 
 
@@ -83,7 +73,7 @@ def test_sharding_covers_every_block_and_transition():
 
 
 def test_fsdp2_gradients_equal_the_unsharded_model_for_every_reversible_model(tmp_path):
-    _spawn(_gradient_errors, str(tmp_path / "errors.json"))
+    spawn_two(_gradient_errors, str(tmp_path / "errors.json"))
     errors = json.loads((tmp_path / "errors.json").read_text())
     assert len(errors) == len(REVERSIBLE) * len(CASES)
     bad = {case: err for case, err in errors.items() if not err < 1e-10}
@@ -120,7 +110,7 @@ def _mixed_precision_errors(rank: int, port: int, out: str) -> None:
 def test_fsdp2_with_bf16_mixed_precision_gives_autograds_gradients_to_bf16_accuracy(tmp_path):
     """Measured 0.0009 (Rev-ViT) and 0.004 (Rev-MViT): the rounding of bf16 compute, not a wrong gradient
     (which would be of order 1)."""
-    _spawn(_mixed_precision_errors, str(tmp_path / "errors.json"))
+    spawn_two(_mixed_precision_errors, str(tmp_path / "errors.json"))
     errors = json.loads((tmp_path / "errors.json").read_text())
     for name in ("rev_vit_tiny_patch16_224", "rev_mvit_tiny"):
         assert errors[name] < 2e-2, errors
@@ -154,12 +144,12 @@ def _compiled_errors(rank: int, port: int, name: str, out: str) -> None:
 
 @pytest.mark.parametrize("name", ["rev_vit_tiny_patch16_224", pytest.param("rev_mvit_tiny", marks=pytest.mark.slow)])
 def test_fsdp2_with_compiled_blocks_gives_the_unsharded_eager_gradients(tmp_path, name):
-    _spawn(_compiled_errors, name, str(tmp_path / "errors.json"))
+    spawn_two(_compiled_errors, name, str(tmp_path / "errors.json"))
     assert json.loads((tmp_path / "errors.json").read_text())["worst"] < 1e-10
 
 
 def _train(rank: int, port: int, overrides: list, out: str) -> None:
-    _torchrun_env(rank, port)
+    torchrun_env(rank, port)
     fit(tiny(*overrides), out, resume=os.path.isdir(out))
 
 
@@ -168,7 +158,7 @@ def test_train_fsdp_on_two_processes_matches_one_process(tmp_path):
     # make up the one-process batch, and the sharded gradients are averaged over the ranks.
     common = ["epochs=1", "batch_size=16", "steps_per_epoch=3", "lr=0.01", "clip_grad=1.0", "device=cpu"]
     fit(tiny(*common), tmp_path / "one")
-    _spawn(_train, [*common, "parallel=fsdp"], str(tmp_path / "two"))
+    spawn_two(_train, [*common, "parallel=fsdp"], str(tmp_path / "two"))
     one, two = load_file(tmp_path / "one" / ckpt.WEIGHTS), load_file(tmp_path / "two" / ckpt.WEIGHTS)
     assert one.keys() == two.keys()
     for k in one:
@@ -182,7 +172,7 @@ def test_an_fsdp_checkpoint_resumes_in_one_unsharded_process(tmp_path):
     # epoch-1 checkpoint, resumed in one process, ends where one process ends.
     common = ["epochs=2", "batch_size=16", "steps_per_epoch=2", "lr=0.01", "device=cpu"]
     fit(tiny(*common), tmp_path / "one")
-    _spawn(_train, [*common, "parallel=fsdp"], str(tmp_path / "two"))
+    spawn_two(_train, [*common, "parallel=fsdp"], str(tmp_path / "two"))
     saved = torch.load(tmp_path / "two" / "ckpt_00000002.pt", weights_only=True)
     assert all(isinstance(k, str) for k in saved["optimizer"]["state"])
     (tmp_path / "two" / "ckpt_00000004.pt").unlink()  # back to the end of epoch 1
@@ -197,14 +187,14 @@ def test_a_one_process_checkpoint_resumes_sharded(tmp_path):
     fit(tiny(*common), tmp_path / "one")
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     (tmp_path / "two" / "ckpt_00000004.pt").unlink()
-    _spawn(_train, [*common, "parallel=fsdp"], str(tmp_path / "two"))
+    spawn_two(_train, [*common, "parallel=fsdp"], str(tmp_path / "two"))
     one, two = load_file(tmp_path / "one" / ckpt.WEIGHTS), load_file(tmp_path / "two" / ckpt.WEIGHTS)
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_fsdp_refuses_ema_with_a_clear_error(tmp_path):
-    _spawn(_refused, ["epochs=1", "device=cpu", "parallel=fsdp", "ema=true"], str(tmp_path / "run"))
+    spawn_two(_refused, ["epochs=1", "device=cpu", "parallel=fsdp", "ema=true"], str(tmp_path / "run"))
     assert "parallel=fsdp does not support ema" in (tmp_path / "run.error").read_text()
     assert not (tmp_path / "run").exists()
 
@@ -234,6 +224,6 @@ def _lockstep_with_an_empty_rank(rank: int, port: int, out: str) -> None:
 
 
 def test_lockstep_evaluation_stops_every_rank_when_one_has_no_batch(tmp_path):
-    _spawn(_lockstep_with_an_empty_rank, str(tmp_path / "said"))
+    spawn_two(_lockstep_with_an_empty_rank, str(tmp_path / "said"))
     for rank in (0, 1):
         assert "no validation batch" in (tmp_path / f"said.{rank}").read_text()

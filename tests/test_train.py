@@ -323,9 +323,14 @@ def spawn_two(fn, *args, tries: int = 3) -> None:
                 raise
 
 
-def _worker(rank: int, port: int, world: int, overrides: list, out: str) -> None:
+def torchrun_env(rank: int, port: int, world: int = 2) -> None:
+    """What torchrun sets for rank `rank` of `world`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
+
+
+def _worker(rank: int, port: int, world: int, overrides: list, out: str) -> None:
+    torchrun_env(rank, port, world)
     fit(tiny(*overrides), out)
 
 
