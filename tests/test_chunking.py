@@ -110,7 +110,7 @@ def test_chunking_lowers_the_peak_and_keeps_it_flat_in_depth():
         return measure_training_memory(model.set_chunking(chunk_bytes), x).mb_per_sample
 
     whole, chunked = mb(4, 0), mb(4, 1)
-    assert chunked < 0.7 * whole
+    assert chunked < 0.8 * whole
     assert mb(8, 1) == pytest.approx(chunked, rel=0.01)
 
 
@@ -268,27 +268,32 @@ def test_only_a_declared_per_sample_function_is_split_over_the_batch():
     assert chunks.pieces(torch.nn.Linear(64, 64), b, 1) == [None]  # might use batch statistics: whole
 
 
-def test_the_forward_is_whole_under_the_automatic_split_and_split_more_coarsely_under_a_budget():
+def test_the_automatic_split_halves_the_forward_too_but_never_splits_one_sample():
     g, f = MlpBranch(64, 4.0), AttentionBranch(64, 4, qkv_bias=True)
     large = torch.empty(4, 1200, 64)
-    assert chunks.pieces(g, large, None, forward=True) == chunks.pieces(f, large, None, forward=True) == [None]
-    budget = 4 * large.nbytes  # backward: 16 units in pieces of 4 -> 4; forward: 8 units -> 2
-    assert len(chunks.pieces(g, large, budget)) == 4
-    assert chunks.pieces(g, large, budget, forward=True) == chunks.pieces(f, large, budget, forward=True) == halves(4)
+    assert chunks.pieces(g, large, None, forward=True) == chunks.pieces(f, large, None, forward=True) == halves(4)
+    one = torch.empty(1, 4800, 64)  # token slices or head groups would change how the forward rounds
+    assert chunks.pieces(g, one, None, forward=True) == chunks.pieces(f, one, None, forward=True) == [None]
+    budget = 2 * large.nbytes  # 8 units in pieces of 2: 4 pieces, forward and backward
+    singles = [(slice(k, k + 1),) for k in range(4)]
+    assert chunks.pieces(g, large, budget, forward=True) == chunks.pieces(g, large, budget) == singles
 
 
-def test_a_whole_forward_does_not_raise_the_automatic_splits_peak(monkeypatch):
-    """The forward without a graph holds 6-8 units whole (the MLP's hidden layer activated in place); the
-    automatic backward's three slices of G hold more, so running the forward whole costs no memory."""
+def test_the_automatic_split_holds_rev_vit_small_under_2_5_mb_per_image(monkeypatch):
+    """Rev-ViT-S at batch 4 in halves of the batch: the forward holds the kept input, the block's two input
+    streams, its new Y1 and a half batch's LayerNorm output, hidden layer and G output (8.0 units of one
+    (B, N, D) stream); the backward the four streams Y1, Y2, dY1, dY2, the kept input and a half batch's
+    LayerNorm output, H (or q, k, v) and one block's gradients (8.5). Measured 2.44 MB per image. With a
+    whole forward the peak would be the forward's (10 units)."""
     torch.manual_seed(0)
-    model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=0.0)
-    x = torch.randn(4, 3, 224, 224)  # a recomputation of ~16 x 1.2 MB: the automatic split applies
-    whole_forward = measure_training_memory(model, x).peak_bytes
-    original = chunks.pieces
-    monkeypatch.setattr(chunks, "pieces", lambda fn, b, c, forward=False: original(fn, b, c))  # forward as backward
-    split_forward = measure_training_memory(model, x).peak_bytes
+    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0)
+    x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
-    assert whole_forward <= split_forward < 11 * unit
+    split = measure_training_memory(model, x).peak_bytes
+    assert split <= 8.6 * unit and split / x.shape[0] / 2 ** 20 <= 2.5
+    original = chunks.pieces
+    monkeypatch.setattr(chunks, "pieces", lambda fn, b, c, forward=False: [None] if forward else original(fn, b, c))
+    assert measure_training_memory(model, x).peak_bytes > 9.5 * unit
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if hasattr(small(n), "set_chunking")])
@@ -317,13 +322,12 @@ def test_drop_path_adds_almost_nothing_to_the_peak(chunk_bytes):
     assert peak(0.5) <= peak(0.0) + 0.2 * unit
 
 
-def test_rev_vit_small_split_over_its_batch_holds_under_2_35_mb_per_image():
-    """5 MiB pieces of Rev-ViT-S at batch 4 are single images in backward (16 x 1.2 MB / 5 MiB -> 4 pieces,
-    as many as images) and halves of the batch in the forward (8 x 1.2 MB / 5 MiB -> 2). The forward is the
-    peak: the kept input, the block's two input streams, its new Y1, the G output being built, and half the
-    batch's LayerNorm output, hidden layer and G output. Measured 8.0 units (2.30 MB per image)."""
+def test_rev_vit_small_in_single_images_holds_under_2_05_mb_per_image():
+    """4 MiB pieces of Rev-ViT-S at batch 4 are single images, forward (8 x 1.2 MB / 4 MiB -> 3, so 4 near-even
+    slices) and backward. The forward is the peak: the kept input, the block's two input streams, its new
+    Y1 and one image's LayerNorm output, hidden layer and G output. Measured 7.0 units (2.01 MB per image)."""
     torch.manual_seed(0)
-    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(5 * 2 ** 20)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(4 * 2 ** 20)
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
-    assert measure_training_memory(model, x).peak_bytes <= 8.1 * unit
+    assert measure_training_memory(model, x).peak_bytes <= 7.1 * unit

@@ -1,5 +1,6 @@
 """The MLP without a graph (the reversible forward, inference) activates its hidden layer in place, and
-recomputed by the reversible engine it back-propagates holding two hidden-sized tensors, not three."""
+recomputed by the reversible engine it back-propagates holding two hidden-sized tensors, not three (in
+pieces: its hidden layer and one block as large as its output)."""
 import pytest
 import timm
 import torch
@@ -46,18 +47,31 @@ def mlp_stack(depth: int, approximate: str = "none", dtype=torch.float64):
     return stack
 
 
+@pytest.mark.parametrize("chunk_bytes", [0, 1])  # whole (one block of H), in pieces (H in blocks too)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_the_recomputed_mlps_gradients_equal_autograds(depth, approximate, monkeypatch):
+def test_the_recomputed_mlps_gradients_equal_autograds(depth, approximate, chunk_bytes, monkeypatch):
     calls, fused = [], mlp._RecomputedMlp
     monkeypatch.setattr(mlp, "_RecomputedMlp", type("Spy", (), {
         "apply": staticmethod(lambda *a: calls.append(1) or fused.apply(*a))}))
     stack = mlp_stack(depth, approximate)
-    stack.set_chunking(0)
+    stack.set_chunking(chunk_bytes)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=lambda out: out[0].sum()
                                        + out[1].square().sum())
     assert calls  # the recomputation went through the fused backward
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+def test_in_blocks_its_output_is_bitwise_the_plain_mlps(blocks, monkeypatch):
+    """The engine rebuilds a stream by subtracting the recomputed G(Y1): it must be the value the forward
+    added, to the last bit, however many blocks of rows the recomputation makes GELU(H) in."""
+    monkeypatch.setattr(mlp, "_block_count", lambda hidden, out: blocks)
+    mlp_, x = mlp_and_input()
+    params = (mlp_.fc1.weight, mlp_.fc1.bias, mlp_.fc2.weight, mlp_.fc2.bias)
+    with torch.no_grad():
+        expected = mlp_(x)
+    assert torch.equal(mlp._RecomputedMlp.apply(x, params, "none"), expected)
 
 
 def test_an_unsplit_recomputation_holds_two_hidden_layers_not_three():

@@ -1,10 +1,13 @@
 """Global multi-head self-attention through `scaled_dot_product_attention`, and Rev-ViT's F branch."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear, linear_parts
+from ..reversible.pieces import split_inside
+from .hooks import has_hooks
+from .linear import Linear, add_weight_grads, adds_into_grad, linear_parts
 
 
 def head_rows(part: int, parts: int, num_heads: int, head_dim: int) -> slice:
@@ -51,10 +54,20 @@ class Attention(nn.Module):
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
 
     def forward(self, x: Tensor) -> Tensor:
+        params = tuple(t for layer in (self.q, self.k, self.v, self.proj) for t in (layer.weight, layer.bias))
+        if split_inside() and self._plain() and adds_into_grad(x, params):  # recomputed by the engine, in pieces
+            return _RecomputedAttention.apply(x, params, self.num_heads)
         b, n, c = x.shape
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(b, n, c)))
+
+    def _plain(self) -> bool:
+        """Projections, attention without dropout and nothing else (no hooks, no layer with its own forward):
+        what `_RecomputedAttention` computes, bypassing the modules' calls."""
+        layers = (self.q, self.k, self.v, self.proj)
+        return ((self.attn_drop == 0.0 or not self.training) and isinstance(self.proj_drop, nn.Identity)
+                and all(type(m) in (Linear, nn.Linear) and not has_hooks(m) for m in layers))
 
     def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
         """The contribution of the `part`-th of `parts` groups of heads: the sum over all parts is
@@ -66,6 +79,92 @@ class Attention(nn.Module):
                    for t in linear_rows([self.q, self.k, self.v], x, [rows] * 3))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(project_heads(self.proj, x.transpose(1, 2).reshape(b, n, -1), rows))
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """Multi-head attention over the engine's stand-in parameters (see `layers.linear`), computed as
+    `Attention.forward` computes it (the same products, so the same output), and back-propagated one group
+    of heads j at a time, each group's gradients written over its own q, k, v (no longer needed). Used
+    when the engine splits its recomputation to save memory (`split_inside`)::
+
+        dWp[:, j] += dY^T O_j                       (dbp += sum dY once)
+        dO_j = dY Wp[:, j]
+        dQ_j, dK_j, dV_j = attention's backward for heads j (their graph, kept from the forward, then freed)
+        Q_j, K_j, V_j <- dQ_j, dK_j, dV_j
+    then, whole:
+        dWq += dQ^T X,  dbq += sum dQ               (and k, v)
+        dX = dQ Wq + dK Wk + dV Wv
+
+    so beyond q, k, v only one group's gradients are alive (autograd's graph makes dO and all of dQ, dK,
+    dV next to q, k, v). Heads' outputs and gradients are laid out (B, N, heads, head_dim): a group's
+    columns are views. q, k, v belong to this Function alone and are kept on `ctx`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, params: tuple, num_heads: int) -> Tensor:
+        wq, bq, wk, bk, wv, bv, wp, bp = params
+        b, n, c = x.shape
+        hd = c // num_heads
+        ctx.qkv = [F.linear(x, w, bias) for w, bias in ((wq, bq), (wk, bk), (wv, bv))]
+        q, k, v = (t.view(b, n, num_heads, hd).transpose(1, 2) for t in ctx.qkv)
+        o = x.new_empty(b, n, c)  # the heads' outputs side by side, proj's input
+        ctx.groups = []
+        for heads in _head_groups(num_heads):
+            with torch.enable_grad():  # attention's own graph for these heads, kept for the backward
+                leaves = [t[:, heads].detach().requires_grad_(True) for t in (q, k, v)]
+                out = F.scaled_dot_product_attention(*leaves)
+            o.view(b, n, num_heads, hd)[:, :, heads] = out.detach().transpose(1, 2)
+            ctx.groups.append((slice(heads.start * hd, heads.stop * hd), leaves, out))
+        ctx.save_for_backward(x)
+        ctx.params = params
+        return F.linear(o, wp, bp)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        if not ctx.groups:
+            raise RuntimeError("the reversible engine's fused attention was back-propagated twice "
+                               "(retain_graph); its heads' graphs are used up by the first backward")
+        (x,), groups, qkv = ctx.saved_tensors, ctx.groups, ctx.qkv
+        ctx.groups, ctx.qkv = [], None
+        wq, bq, wk, bk, wv, bv, wp, bp = ctx.params
+        b, n, c = x.shape
+        dy2, x2 = dy.contiguous().view(-1, c), x.reshape(-1, c)
+        for j in range(len(groups)):
+            cols, leaves, out = groups[j]
+            groups[j] = None  # this group's graph goes with its gradients
+            heads = out.shape[1]
+            o_j = out.detach().transpose(1, 2).reshape(-1, cols.stop - cols.start)
+            add_weight_grads(wp, bp if j == 0 else None, dy2, o_j, cols=cols)
+            d_out = (dy2 @ wp[:, cols]).view(b, n, heads, -1).transpose(1, 2)
+            d_leaves = torch.autograd.grad(out, leaves, d_out)
+            for leaf, d in zip(leaves, d_leaves):
+                _alias(leaf).copy_(d)
+            del out, o_j, leaves, d_out, d_leaves
+        dx = None
+        for (w, bias), d in zip(((wq, bq), (wk, bk), (wv, bv)), qkv):  # q, k, v now hold dQ, dK, dV
+            d2 = d.view(-1, c)
+            add_weight_grads(w, bias, d2, x2)
+            if ctx.needs_input_grad[0]:
+                dx = d2 @ w if dx is None else dx.addmm_(d2, w)
+        del qkv, d, d2
+        return (dx.view(x.shape) if dx is not None else None), None, None
+
+
+def _alias(t: Tensor) -> Tensor:
+    """`t`'s memory under a version counter of its own: the graphs of the groups not yet back-propagated
+    hold views of the same q, k, v (other heads' columns, never written here), which autograd's check of
+    in-place changes would otherwise refuse."""
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+HEAD_GROUPS = 4  # how many groups of heads the fused backward goes through (at most one per head)
+
+
+def _head_groups(num_heads: int) -> list[slice]:
+    """HEAD_GROUPS near-even groups of heads (fewer when there are fewer heads)."""
+    n = min(HEAD_GROUPS, num_heads)
+    bounds = [i * num_heads // n for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 class AttentionBranch(nn.Module):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..reversible.pieces import split_inside
 from .hooks import has_hooks
 from .linear import Linear, add_weight_grads, adds_into_grad
 
@@ -41,18 +42,23 @@ class Mlp(nn.Module):
 
 class _RecomputedMlp(torch.autograd.Function):
     """Y = GELU(X W1^T + b1) W2^T + b2 over the engine's stand-in parameters, keeping X and H = X W1^T + b1
-    only. Its backward holds two hidden-sized tensors at a time, where autograd's holds three (H, GELU(H)
-    and dA), and adds the weight gradients into `.grad` in place (see `layers.linear`):
+    only. When the engine splits its recomputation (`split_inside`), H is worked through r blocks at a
+    time, each as large as Y (r = hidden / out, an MLP's ratio): the forward makes GELU(H) for one block of
+    rows at a time, the backward goes through one block j of hidden columns at a time::
 
-        dA = dY W2
-        dH = GELU'(H) * dA                       written over dA
-        A = GELU(H)                              written over H (not needed any more)
-        dW2 += dY^T A,  db2 += sum dY            then A is freed
+        dA_j = dY W2[:, j]
+        dH_j = GELU'(H_j) * dA_j                     written over dA_j
+        A_j  = GELU(H_j)                             written over H_j
+        dW2[:, j] += dY^T A_j                        (db2 += sum dY once)
+        H_j <- dH_j                                  H's memory now holds dH
+    then, whole:
         dW1 += dH^T X,  db1 += sum dH
-        dX = dH W1
+        dX   = dH W1
 
-    H belongs to this Function alone (made in its forward), so it is kept on `ctx` rather than saved:
-    the backward can then free it before dX is made. One backward per forward (the engine's case).
+    so besides H one Y-sized block is alive (autograd's graph holds H, GELU(H) and dA: three hidden-sized
+    tensors; unsplit, r = 1, this holds two). Weight gradients go into `.grad` in place (`layers.linear`).
+    H belongs to this Function alone (made in its forward), so it is kept on `ctx` rather than saved: the
+    backward frees it before returning. One backward per forward (the engine's case).
     """
 
     @staticmethod
@@ -61,7 +67,17 @@ class _RecomputedMlp(torch.autograd.Function):
         h = F.linear(x, w1, b1)
         ctx.save_for_backward(x)
         ctx.hidden, ctx.params, ctx.approximate = h, params, approximate
-        return F.linear(F.gelu(h, approximate=approximate), w2, b2)
+        ctx.blocks = _block_count(h.shape[-1], w2.shape[0])
+        y = h.new_empty(h.shape[:-1] + (w2.shape[0],))
+        h2, y2 = h.view(-1, h.shape[-1]), y.view(-1, y.shape[-1])
+        for rows in _blocks(h2.shape[0], ctx.blocks):  # Y[rows] = GELU(H[rows]) W2^T + b2
+            a = F.gelu(h2[rows], approximate=approximate)
+            if b2 is None:
+                torch.mm(a, w2.t(), out=y2[rows])
+            else:
+                torch.addmm(b2, a, w2.t(), out=y2[rows])
+            del a  # before the next block's is made
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -71,15 +87,33 @@ class _RecomputedMlp(torch.autograd.Function):
                                "its hidden layer is used up by the first backward")
         ctx.hidden = None
         w1, b1, w2, b2 = ctx.params
-        dy = dy.contiguous()
-        dh = dy @ w2
-        dh = torch.ops.aten.gelu_backward.grad_input(dh, h, approximate=ctx.approximate, grad_input=dh)
-        a = torch.ops.aten.gelu_(h, approximate=ctx.approximate)
-        del h
-        add_weight_grads(w2, b2, dy, a)
-        del a
-        add_weight_grads(w1, b1, dh, x)
-        return (dh @ w1 if ctx.needs_input_grad[0] else None), None, None
+        dy2 = dy.contiguous().view(-1, dy.shape[-1])
+        x2, h2 = x.reshape(-1, x.shape[-1]), h.view(-1, h.shape[-1])
+        for j, cols in enumerate(_blocks(h2.shape[1], ctx.blocks)):
+            h_j = h2[:, cols]
+            d_j = dy2 @ w2[:, cols]
+            torch.ops.aten.gelu_backward.grad_input(d_j, h_j, approximate=ctx.approximate, grad_input=d_j)
+            torch.ops.aten.gelu_(h_j, approximate=ctx.approximate)
+            add_weight_grads(w2, b2 if j == 0 else None, dy2, h_j, cols=cols)
+            h_j.copy_(d_j)
+            del d_j
+        add_weight_grads(w1, b1, h2, x2)
+        dx = (h2 @ w1).view(x.shape) if ctx.needs_input_grad[0] else None
+        del h, h2
+        return dx, None, None
+
+
+def _block_count(hidden: int, out: int) -> int:
+    """How many blocks H (`hidden` wide) is worked through in: about hidden / out (an MLP's ratio, 4) when
+    the engine splits its recomputation (to save memory), else 1 (fastest)."""
+    return max(1, min(hidden, round(hidden / max(1, out)))) if split_inside() else 1
+
+
+def _blocks(total: int, n: int) -> list[slice]:
+    """`total` rows or columns in `n` near-even contiguous blocks (none empty)."""
+    n = max(1, min(n, total))
+    bounds = [i * total // n for i in range(n + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 class MlpBranch(nn.Module):

@@ -156,23 +156,23 @@ class ReversibleStack(nn.Module):
         self.backprop = mode
 
     def set_chunking(self, chunk_bytes: Optional[int] = None) -> None:
-        """How "reversible" mode splits the recomputation of F and G in backward.
+        """How "reversible" mode splits the computation of F and G (forward and recomputation) into pieces.
 
         F and G are recomputed and back-propagated in pieces when they allow it (see `reversible.pieces`):
         slices of the batch for a function that is per sample (`fn.per_sample`) or per token
         (`fn.token_wise`, e.g. an MLP), slices of the tokens for a per-token one, one summand at a time
         for a sum of parts (`fn.max_parts > 1` and `fn.forward_part(x, k, n)`, e.g. attention over groups
-        of heads). Each piece's activations are estimated as 16x its share of the input, and pieces are
-        made so that this stays under `chunk_bytes`, by the batch when it has enough samples (contiguous,
-        nothing recomputed twice), else by the finer way. None (default): automatic, two near-even slices
-        of the batch (each within 1/8 of its share, so an odd batch may make more: 3 -> 1+1+1, 5 -> 2+1+2;
-        one sample: three token slices or two head groups): Rev-ViT-S 4.31 -> 2.88 MB per image at batch 4
-        for ~5% more step time than unsplit on a 2-core CPU; no splitting when a whole recomputation is
-        below 16 MiB (it would only cost time). 0: never split. A smaller budget holds less for more time
-        (Rev-ViT-S at batch 4: 5 MiB, single images, 2.30 MB per image for ~13%; 4 MiB, token slices and
-        head groups, 2.50). Functions that draw random numbers (dropout) are never split. The forward,
-        which keeps no graph, holds 6-8x its input whole and is split only under a given budget. The
-        gradients are the same either way (up to rounding).
+        of heads). Each piece's activations are estimated as 8x its share of the input (the fused MLP and
+        attention, which then also work through their hidden layer or heads a block at a time, see
+        `pieces.split_inside`), and pieces are made so that this stays under `chunk_bytes`, by the batch
+        when it has enough samples (contiguous, nothing recomputed twice), else by the finer way. None
+        (default): automatic, two near-even slices of the batch in the forward and the backward (each
+        within 1/8 of its share, so an odd batch may make more: 3 -> 1+1+1, 5 -> 2+1+2; one sample: three
+        token slices of G or two head groups of F, in the backward only): Rev-ViT-S 4.31 -> 2.44 MB per
+        image at batch 4; no splitting when a whole recomputation would need under 8 MiB (it would only
+        cost time). 0: never split, the fastest. A smaller budget holds less for more time (Rev-ViT-S at
+        batch 4: 4 MiB, single images, 2.01 MB per image). Functions that draw random numbers (dropout) are
+        never split. The gradients are the same either way (up to rounding).
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):
@@ -335,9 +335,10 @@ class _Tape:
             return [None]
         return chunks.pieces(r.fn, b, self.chunk_bytes, forward=forward)
 
-    def recompute_piece(self, index: int, piece) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def recompute_piece(self, index: int, piece, split: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(leaf, fn(leaf) or its piece, fn's parameters as the call saw them), with a graph from
-        the leaf: started earlier on a side stream ("parallel"), or computed now."""
+        the leaf: started earlier on a side stream ("parallel"), or computed now (`split`: one of several
+        pieces, and fn's layers may split their own work too, see `pieces.split_inside`)."""
         self.on_side_stream = False
         if index in self.pending:
             leaf, out, params, ready = self.pending.pop(index)
@@ -348,7 +349,7 @@ class _Tape:
         r = self.records[index]
         b = self.streams[1 - r.target]
         leaf = chunks.region(b, piece).detach().requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), chunks.splitting(split):
             out, params = r.call(leaf, piece if isinstance(piece, chunks.Part) else None,
                                  swap=self.gradient_plan(index)[1])
         return leaf, out, params
@@ -464,9 +465,10 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
     accumulate = tape.gradient_plan(index)[0]  # None: autograd.grad is running and wants them back
     b = tape.streams[1 - r.target]  # the stream fn read: Y1 in (5), X2 in (6)
     d_params = None
-    for piece in tape.pieces(index, b):  # the whole of fn, slices of the batch or tokens, or summands
+    pieces = tape.pieces(index, b)  # the whole of fn, slices of the batch or tokens, or summands
+    for piece in pieces:
         # recompute fn(b) with a graph: G(Y1) in (5), F(X2) in (6)
-        leaf, fn_b, params = tape.recompute_piece(index, piece)
+        leaf, fn_b, params = tape.recompute_piece(index, piece, split=len(pieces) > 1)
         # rebuild this coupling's input: X2 = Y2 - G(Y1) (3), or X1 = Y1 - F(X2) (4)
         tape.rebuild_input(index, piece, fn_b.detach())
         # fn(b)'s graph, ending in DropPath's backward (d fn(b) = mask * d stream[t]); its value is freed now

@@ -16,12 +16,14 @@ nothing twice and leave no partial sums (a part recomputes F's LayerNorm and mak
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Union
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["Part", "Piece", "pieces", "is_slice", "region", "sole_user", "add"]
+__all__ = ["Part", "Piece", "pieces", "is_slice", "region", "sole_user", "add", "splitting", "split_inside"]
 
 
 class Part(NamedTuple):
@@ -45,19 +47,16 @@ def region(t: Tensor, piece: Piece) -> Tensor:
     return t[piece] if is_slice(piece) else t
 
 
-PIECE_UNITS = 16  # a piece's activations, in units of its share of the input (measured: G 14, F 16.5)
-# without a graph (the forward) a piece holds its LayerNorm output, its output and either the MLP's hidden
-# layer (activated in place) or attention's q, k, v and heads' output: 6-8 units, budgeted as 8 (at 6,
-# Rev-ViT-B's 4 MiB pieces peaked in the forward, 5.42 vs 5.30 MB per image). Whole, that is about the
-# automatic split's backward peak, so the forward is split only under a given budget; whole it runs the
-# larger, faster products.
+PIECE_UNITS = 8  # a piece's activations in the backward, in units of its share of the input: the fused
+# MLP and attention, split inside too (`split_inside`), hold 7-8 (LayerNorm output, hidden layer or q, k, v
+# and heads' outputs, one block's gradients, the input gradient; autograd's graph would hold 14-16.5)
+# Without a graph (the forward) a piece holds its LayerNorm output, its output and either the MLP's hidden
+# layer (activated in place) or attention's q, k, v and heads' output: 6-8 units, budgeted as 8.
 FORWARD_UNITS = 8
-AUTO_MIN_BYTES = 16 * 1024 ** 2
-# automatic, by the first way fn allows: 2 slices of the batch, 3 slices of the tokens, 2 parts of a sum.
-# Measured on Rev-ViT-S (batch 4, 2-core CPU, A/B against unsplit): halves of the batch 2.88 MB per image
-# at 1.05x; 3 token slices of G / 2 head groups of F 2.88 MB at 1.08x; finer splits hold less and cost
-# more time on a CPU, where smaller products run ~10% slower (5 MiB pieces, single images: 2.30 MB, 1.13x).
-# Quarters of the batch (with halves in the forward) cost 5-9% over halves at batch 16 too (slices of 4
+AUTO_MIN_BYTES = 8 * 1024 ** 2  # not split automatically when a whole recomputation needs less
+# automatic, by the first way fn allows: 2 slices of the batch (forward and backward), 3 slices of the
+# tokens, 2 parts of a sum (backward only). Finer splits hold less and cost more time on a CPU, where
+# smaller products run slower: quarters of the batch cost 5-9% over halves even at batch 16 (slices of 4
 # images, products as large as batch 4's unsplit ones): each piece's pass over the weight gradients.
 AUTO_SAMPLES, AUTO_SLICES, AUTO_PARTS = 2, 3, 2
 UNEVEN = 1.125  # a slice of the batch may hold this much more than its share before more slices are made
@@ -69,7 +68,8 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
     (automatic, None: see AUTO_SAMPLES, none for small inputs; a budget under one piece's need, e.g. 1,
     splits as finely as fn allows); [None]: whole. The first way that makes enough pieces is taken (the
     batch, then the tokens, then the parts), else the finest. `forward`: for the forward's computation
-    without a graph, which holds far less (`FORWARD_UNITS`) and is never split automatically. (chunk_bytes
+    without a graph (`FORWARD_UNITS`), split automatically only over the batch, so that the forward rounds
+    as the unsplit one does (token slices and parts are for the backward). (chunk_bytes
     0, "off", is the caller's to honour: `_Tape.pieces` does not call this then.)"""
     token_wise, max_parts = getattr(fn, "token_wise", False), getattr(fn, "max_parts", 1)
     ways = []  # (how many pieces it allows at most, the way), in order of preference
@@ -83,7 +83,7 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
         return [None]
     need = (FORWARD_UNITS if forward else PIECE_UNITS) * b.nbytes
     if chunk_bytes is None:
-        if forward or need <= AUTO_MIN_BYTES:
+        if PIECE_UNITS * b.nbytes <= AUTO_MIN_BYTES or (forward and ways[0][1] != "samples"):
             return [None]
         way = ways[0][1]
         n = {"samples": AUTO_SAMPLES, "tokens": AUTO_SLICES, "parts": AUTO_PARTS}[way]
@@ -98,6 +98,27 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
         return [(slice(None), tokens) for tokens in _even_slices(b.shape[1], min(n, b.shape[1]))]
     n = min(n, max_parts)
     return [Part(k, n) for k in range(n)]
+
+
+_SPLIT_INSIDE: ContextVar[bool] = ContextVar("revvit_split_inside", default=False)
+
+
+@contextmanager
+def splitting(on: bool) -> Iterator[None]:
+    """Within the body, `split_inside()` is `on`: the engine says whether the recomputation it runs is
+    split into pieces (memory is what it is saving) or whole (chunking off, or too small to be worth it)."""
+    token = _SPLIT_INSIDE.set(on)
+    try:
+        yield
+    finally:
+        _SPLIT_INSIDE.reset(token)
+
+
+def split_inside() -> bool:
+    """Whether a layer the engine is recomputing should also work through its own activations a block at a
+    time (the fused MLP and attention: less memory for a few per cent more time), because the engine
+    splits this recomputation into pieces."""
+    return _SPLIT_INSIDE.get()
 
 
 def _enough(total: int, n: int) -> int:
