@@ -54,9 +54,10 @@ class Attention(nn.Module):
         return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
 
     def forward(self, x: Tensor) -> Tensor:
-        params = tuple(t for layer in (self.q, self.k, self.v, self.proj) for t in (layer.weight, layer.bias))
-        if split_inside() and self._plain() and adds_into_grad(x, params):  # recomputed by the engine, in pieces
-            return _RecomputedAttention.apply(x, params, self.num_heads)
+        if split_inside() and self._plain():  # recomputed by the engine, in pieces?
+            params = tuple(t for layer in (self.q, self.k, self.v, self.proj) for t in (layer.weight, layer.bias))
+            if adds_into_grad(x, params):
+                return _RecomputedAttention.apply(x, params, self.num_heads)
         b, n, c = x.shape
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
@@ -109,12 +110,14 @@ class _RecomputedAttention(torch.autograd.Function):
         q, k, v = (t.view(b, n, num_heads, hd).transpose(1, 2) for t in ctx.qkv)
         o = x.new_empty(b, n, c)  # the heads' outputs side by side, proj's input
         ctx.groups = []
-        for heads in _head_groups(num_heads):
+        groups = min(HEAD_GROUPS, num_heads)
+        for j in range(groups):
+            heads = head_rows(j, groups, num_heads, 1)
             with torch.enable_grad():  # attention's own graph for these heads, kept for the backward
                 leaves = [t[:, heads].detach().requires_grad_(True) for t in (q, k, v)]
                 out = F.scaled_dot_product_attention(*leaves)
             o.view(b, n, num_heads, hd)[:, :, heads] = out.detach().transpose(1, 2)
-            ctx.groups.append((slice(heads.start * hd, heads.stop * hd), leaves, out))
+            ctx.groups.append((head_rows(j, groups, num_heads, hd), leaves, out))
         ctx.save_for_backward(x)
         ctx.params = params
         return F.linear(o, wp, bp)
@@ -158,13 +161,6 @@ def _alias(t: Tensor) -> Tensor:
 
 
 HEAD_GROUPS = 4  # how many groups of heads the fused backward goes through (at most one per head)
-
-
-def _head_groups(num_heads: int) -> list[slice]:
-    """HEAD_GROUPS near-even groups of heads (fewer when there are fewer heads)."""
-    n = min(HEAD_GROUPS, num_heads)
-    bounds = [i * num_heads // n for i in range(n + 1)]
-    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 class AttentionBranch(nn.Module):

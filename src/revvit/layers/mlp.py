@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..reversible.pieces import split_inside
+from ..reversible.pieces import even_slices, split_inside
 from .hooks import has_hooks
 from .linear import Linear, add_weight_grads, adds_into_grad
 
@@ -70,7 +70,7 @@ class _RecomputedMlp(torch.autograd.Function):
         ctx.blocks = _block_count(h.shape[-1], w2.shape[0])
         y = h.new_empty(h.shape[:-1] + (w2.shape[0],))
         h2, y2 = h.view(-1, h.shape[-1]), y.view(-1, y.shape[-1])
-        for rows in _blocks(h2.shape[0], ctx.blocks):  # Y[rows] = GELU(H[rows]) W2^T + b2
+        for rows in even_slices(h2.shape[0], max(1, min(ctx.blocks, h2.shape[0]))):  # Y[rows] = GELU(H[rows]) W2^T + b2
             a = F.gelu(h2[rows], approximate=approximate)
             if b2 is None:
                 torch.mm(a, w2.t(), out=y2[rows])
@@ -89,7 +89,7 @@ class _RecomputedMlp(torch.autograd.Function):
         w1, b1, w2, b2 = ctx.params
         dy2 = dy.contiguous().view(-1, dy.shape[-1])
         x2, h2 = x.reshape(-1, x.shape[-1]), h.view(-1, h.shape[-1])
-        for j, cols in enumerate(_blocks(h2.shape[1], ctx.blocks)):
+        for j, cols in enumerate(even_slices(h2.shape[1], ctx.blocks)):
             h_j = h2[:, cols]
             d_j = dy2 @ w2[:, cols]
             torch.ops.aten.gelu_backward.grad_input(d_j, h_j, approximate=ctx.approximate, grad_input=d_j)
@@ -107,13 +107,6 @@ def _block_count(hidden: int, out: int) -> int:
     """How many blocks H (`hidden` wide) is worked through in: about hidden / out (an MLP's ratio, 4) when
     the engine splits its recomputation (to save memory), else 1 (fastest)."""
     return max(1, min(hidden, round(hidden / max(1, out)))) if split_inside() else 1
-
-
-def _blocks(total: int, n: int) -> list[slice]:
-    """`total` rows or columns in `n` near-even contiguous blocks (none empty)."""
-    n = max(1, min(n, total))
-    bounds = [i * total // n for i in range(n + 1)]
-    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
 class MlpBranch(nn.Module):

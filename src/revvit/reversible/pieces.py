@@ -23,7 +23,8 @@ from typing import Iterator, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Part", "Piece", "pieces", "is_slice", "region", "sole_user", "add", "splitting", "split_inside"]
+__all__ = ["Part", "Piece", "pieces", "is_slice", "region", "even_slices", "sole_user", "add", "splitting",
+           "split_inside"]
 
 
 class Part(NamedTuple):
@@ -69,8 +70,8 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
     splits as finely as fn allows); [None]: whole. The first way that makes enough pieces is taken (the
     batch, then the tokens, then the parts), else the finest. `forward`: for the forward's computation
     without a graph (`FORWARD_UNITS`), split automatically only over the batch, so that the forward rounds
-    as the unsplit one does (token slices and parts are for the backward). (chunk_bytes
-    0, "off", is the caller's to honour: `_Tape.pieces` does not call this then.)"""
+    as the unsplit one does (token slices and parts are for the backward). (chunk_bytes 0, "off", is the
+    caller's to honour: `_Tape.pieces` does not call this then.)"""
     token_wise, max_parts = getattr(fn, "token_wise", False), getattr(fn, "max_parts", 1)
     ways = []  # (how many pieces it allows at most, the way), in order of preference
     if (token_wise or getattr(fn, "per_sample", False)) and b.ndim >= 1 and b.shape[0] > 1:
@@ -93,9 +94,9 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
     if n <= 1:
         return [None]
     if way == "samples":
-        return [(rows,) for rows in _even_slices(b.shape[0], _enough(b.shape[0], n))]
+        return [(rows,) for rows in even_slices(b.shape[0], _enough(b.shape[0], n))]
     if way == "tokens":
-        return [(slice(None), tokens) for tokens in _even_slices(b.shape[1], min(n, b.shape[1]))]
+        return [(slice(None), tokens) for tokens in even_slices(b.shape[1], min(n, b.shape[1]))]
     n = min(n, max_parts)
     return [Part(k, n) for k in range(n)]
 
@@ -129,7 +130,8 @@ def _enough(total: int, n: int) -> int:
     return m
 
 
-def _even_slices(total: int, n: int) -> list[slice]:
+def even_slices(total: int, n: int) -> list[slice]:
+    """`total` rows (or columns) in `n` near-even contiguous slices, in order."""
     bounds = [round(i * total / n) for i in range(n + 1)]
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
