@@ -39,7 +39,7 @@ def count_pieces(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 2000, 15000])  # finest (tokens, heads), coarser, 3 slices of the batch
+@pytest.mark.parametrize("chunk_bytes", [1, 2000, 15000])  # finest (tokens, samples), coarser, 3 slices of the batch
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_fp64_chunked_gradients_equal_autograd_with_drop_path(depth, chunk_bytes, count_pieces):
     stack = vit_stack(depth)
@@ -49,10 +49,21 @@ def test_fp64_chunked_gradients_equal_autograd_with_drop_path(depth, chunk_bytes
     assert max(map(len, count_pieces)) > 1
 
 
+@pytest.mark.parametrize("budget", [1, 7])  # finest (7 tokens, 4 heads); 2 token slices, 2 groups of heads
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_fp64_one_sample_in_token_slices_and_groups_of_heads_equals_autograd(depth, budget, count_pieces):
+    stack = vit_stack(depth)
+    x = torch.randn(1, 7, 16, dtype=torch.float64)
+    stack.set_chunking(budget * x.nbytes)  # in bytes per unit of the input: F's parts hold 3 + 8 / n of them
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
+    parts = {len(p) for p in count_pieces if isinstance(p[0], chunks.Part)}
+    assert parts == ({4} if budget == 1 else {2})
+
+
 @pytest.mark.parametrize("depth", [2, 3])
 def test_fp32_chunked_gradients_equal_autograd(depth, count_pieces):
     stack = vit_stack(depth, dtype=torch.float32)
-    stack.set_chunking(1)  # as many pieces as there are tokens (G) and heads (F)
+    stack.set_chunking(1)  # as many pieces as there are tokens (G) and samples (F: fewer than its heads' parts)
     x = torch.randn(3, 7, 16)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
     assert max(map(len, count_pieces)) == 7
@@ -92,12 +103,15 @@ def test_a_bad_chunk_size_is_refused(bad):
         vit_stack(1).set_chunking(bad)
 
 
+@pytest.mark.parametrize("batch", [2, 1])  # single samples; one sample: token slices and groups of heads
 @pytest.mark.parametrize("name", [n for n in NAMES if hasattr(small(n), "set_chunking")])
-def test_every_reversible_model_is_exact_when_chunked(name, count_pieces):
+def test_every_reversible_model_is_exact_when_chunked(name, batch, count_pieces):
     model = small(name, num_classes=5, drop_path_rate=0.3).set_chunking(1).double()  # fp64: rtol 1e-10
-    assert_reversible_matches_autograd(model, example_input(model).double(),
+    assert_reversible_matches_autograd(model, example_input(model, batch).double(),
                                        loss=lambda out: out.logsumexp(-1).sum(), seed=4)
     assert max(map(len, count_pieces)) > 1
+    if batch == 1:
+        assert any(isinstance(p[0], chunks.Part) for p in count_pieces)
 
 
 def test_chunking_lowers_the_peak_and_keeps_it_flat_in_depth():
@@ -255,8 +269,19 @@ def test_a_budget_takes_the_batch_when_it_makes_enough_pieces_and_else_the_finer
     assert chunks.pieces(g, b, need // 4)[0] == (slice(0, 1),)  # samples
     assert chunks.pieces(g, b, need // 6)[0] == (slice(None), slice(0, 2))  # 6 > 4 samples: tokens
     assert chunks.pieces(f, b, need // 6) == [(slice(k, k + 1),) for k in range(4)]  # 4 heads: no finer
-    f8 = AttentionBranch(64, 8, qkv_bias=True)
-    assert chunks.pieces(f8, b, need // 6) == [chunks.Part(k, 6) for k in range(6)]  # 8 heads make 6 groups
+
+
+def test_a_sum_of_parts_is_taken_only_where_it_holds_less_than_single_samples():
+    """A summand holds the whole input's LayerNorm output, its full-width output and input gradient
+    (`PART_UNITS`) whatever the number of parts: with a few samples and many heads it is finer, with many
+    samples it is not."""
+    b4, b2, one = torch.empty(4, 12, 64), torch.empty(2, 12, 64), torch.empty(1, 12, 64)
+    f8, f16 = AttentionBranch(64, 8, qkv_bias=True), AttentionBranch(64, 16, qkv_bias=True)
+    singles = [(slice(k, k + 1),) for k in range(4)]
+    assert chunks.pieces(f8, b4, chunks.PIECE_UNITS * b4.nbytes // 6) == singles  # 8 heads: 3 + 8/8 > 8/4
+    assert chunks.pieces(f16, b2, 1) == [chunks.Part(k, 16) for k in range(16)]  # 3 + 8/16 < 8/2
+    budget = (chunks.PART_UNITS + 2) * one.nbytes  # parts of 4 heads fit (3 + 8/4), a whole F does not (8)
+    assert chunks.pieces(f16, one, budget) == [chunks.Part(k, 4) for k in range(4)]
 
 
 def test_only_a_declared_per_sample_function_is_split_over_the_batch():

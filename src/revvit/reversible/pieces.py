@@ -60,6 +60,9 @@ AUTO_MIN_BYTES = 8 * 1024 ** 2  # not split automatically when a whole recomputa
 # smaller products run slower: quarters of the batch cost 5-9% over halves even at batch 16 (slices of 4
 # images, products as large as batch 4's unsplit ones): each piece's pass over the weight gradients.
 AUTO_SAMPLES, AUTO_SLICES, AUTO_PARTS = 2, 3, 2
+PART_UNITS = 3  # what a summand holds whatever n: the whole input's LayerNorm output, its full-width output and
+# input gradient (measured 2.4 for Rev-ViT-B, plus about half its share: finer than single samples only when
+# there are many parts or few samples)
 UNEVEN = 1.125  # a slice of the batch may hold this much more than its share before more slices are made
 
 
@@ -67,8 +70,9 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
     """Split fn(b) into slices of the batch (`fn.per_sample` or `fn.token_wise`), of the tokens
     (`fn.token_wise`) or summands (`fn.max_parts`), about `PIECE_UNITS * b.nbytes / chunk_bytes` of them
     (automatic, None: see AUTO_SAMPLES, none for small inputs; a budget under one piece's need, e.g. 1,
-    splits as finely as fn allows); [None]: whole. The first way that makes enough pieces is taken (the
-    batch, then the tokens, then the parts), else the finest. `forward`: for the forward's computation
+    splits as finely as fn allows); [None]: whole. The first way whose pieces fit the budget is taken (the
+    batch, then the tokens, then the parts, which also hold `PART_UNITS` whatever their number), else the
+    way whose finest pieces hold least. `forward`: for the forward's computation
     without a graph (`FORWARD_UNITS`), split automatically only over the batch, so that the forward rounds
     as the unsplit one does (token slices and parts are for the backward). (chunk_bytes 0, "off", is the
     caller's to honour: `_Tape.pieces` does not call this then.)"""
@@ -82,15 +86,18 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
         ways.append((max_parts, "parts"))
     if not ways:
         return [None]
-    need = (FORWARD_UNITS if forward else PIECE_UNITS) * b.nbytes
+    units = FORWARD_UNITS if forward else PIECE_UNITS
     if chunk_bytes is None:
         if PIECE_UNITS * b.nbytes <= AUTO_MIN_BYTES or (forward and ways[0][1] != "samples"):
             return [None]
         way = ways[0][1]
         n = {"samples": AUTO_SAMPLES, "tokens": AUTO_SLICES, "parts": AUTO_PARTS}[way]
     else:
-        n = -(-need // max(1, chunk_bytes))
-        way = next((w for most, w in ways if most >= n), max(ways, key=lambda w: w[0])[1])
+        fitting = [(way, k) for most, way in ways if (k := _fewest(way, units, b.nbytes, chunk_bytes)) <= most]
+        if fitting:
+            way, n = fitting[0]
+        else:  # no way meets the budget: the one that holds least at its finest (ties: the earlier way)
+            n, way = min(ways, key=lambda w: _holds(w[1], units, b.nbytes, w[0]))
     if n <= 1:
         return [None]
     if way == "samples":
@@ -120,6 +127,19 @@ def split_inside() -> bool:
     time (the fused MLP and attention: less memory for a few per cent more time), because the engine
     splits this recomputation into pieces."""
     return _SPLIT_INSIDE.get()
+
+
+def _holds(way: str, units: int, nbytes: int, n: int) -> float:
+    """The bytes one of n pieces made `way` is estimated to hold: `units` times its share of the input, and
+    for a summand also `PART_UNITS` of the whole input."""
+    return units * nbytes / n + (PART_UNITS * nbytes if way == "parts" else 0)
+
+
+def _fewest(way: str, units: int, nbytes: int, budget: int) -> int:
+    """The fewest pieces made `way` that each hold at most `budget` bytes (by `_holds`); a very large number
+    when none do (a summand's fixed share alone is over it)."""
+    left = budget - (PART_UNITS * nbytes if way == "parts" else 0)
+    return -(-units * nbytes // left) if left > 0 else 2 ** 62
 
 
 def _enough(total: int, n: int) -> int:
