@@ -165,7 +165,8 @@ class ReversibleStack(nn.Module):
         of heads). Each piece's activations are estimated as 8x its share of the input (the fused MLP and
         attention, which then also work through their hidden layer or heads a block at a time, see
         `pieces.split_inside`), and pieces are made so that this stays under `chunk_bytes`, by the batch
-        when it has enough samples (contiguous, nothing recomputed twice), else by the finer way. None
+        when it has enough samples (contiguous, nothing recomputed twice), else by the finer way (head
+        groups only where they hold less than single samples: each also holds 3x the whole input). None
         (default): automatic, two near-even slices of the batch in the forward and the backward (each
         within 1/8 of its share, so an odd batch may make more: 3 -> 1+1+1, 5 -> 2+1+2; one sample: three
         token slices of G or two head groups of F, in the backward only): Rev-ViT-S 4.31 -> 2.44 MB per
