@@ -236,7 +236,7 @@ def halves(total: int) -> list:
 
 def test_automatic_split_is_two_halves_of_the_batch():
     g, f = MlpBranch(64, 4.0), AttentionBranch(64, 4, qkv_bias=True)
-    large = torch.empty(4, 1200, 64)  # a recomputation of ~16 x 1.2 MB: above the 16 MiB threshold
+    large = torch.empty(4, 1200, 64)  # a recomputation of ~16 x 1.2 MB: above the 8 MiB threshold
     assert chunks.pieces(g, large, None) == chunks.pieces(f, large, None) == halves(4)
     small = torch.empty(2, 8, 64)  # splitting would only cost time
     assert chunks.pieces(g, small, None) == chunks.pieces(f, small, None) == [None]
