@@ -129,16 +129,22 @@ def split_inside() -> bool:
     return _SPLIT_INSIDE.get()
 
 
+def _fixed(way: str, nbytes: int) -> int:
+    """What every piece made `way` holds whatever their number: for a summand `PART_UNITS` of the whole
+    input, for a slice nothing."""
+    return PART_UNITS * nbytes if way == "parts" else 0
+
+
 def _holds(way: str, units: int, nbytes: int, n: int) -> float:
     """The bytes one of n pieces made `way` is estimated to hold: `units` times its share of the input, and
-    for a summand also `PART_UNITS` of the whole input."""
-    return units * nbytes / n + (PART_UNITS * nbytes if way == "parts" else 0)
+    its fixed share."""
+    return units * nbytes / n + _fixed(way, nbytes)
 
 
 def _fewest(way: str, units: int, nbytes: int, budget: int) -> int:
     """The fewest pieces made `way` that each hold at most `budget` bytes (by `_holds`); a very large number
-    when none do (a summand's fixed share alone is over it)."""
-    left = budget - (PART_UNITS * nbytes if way == "parts" else 0)
+    when none do (the fixed share alone is over it)."""
+    left = budget - _fixed(way, nbytes)
     return -(-units * nbytes // left) if left > 0 else 2 ** 62
 
 
