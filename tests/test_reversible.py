@@ -1,4 +1,5 @@
 """The reversible engine: gradients equal plain autograd, randomness replays, memory stays flat in depth."""
+import copy
 from functools import partial
 
 import pytest
@@ -332,3 +333,36 @@ def test_join_streams_is_a_concatenation_whose_halves_get_gradient_buffers_of_th
     joined.square().sum().backward()
     assert all(g._base is None and g.is_contiguous() for g in seen)
     assert seen[0].untyped_storage().data_ptr() != seen[1].untyped_storage().data_ptr()
+
+
+class ConvBranch(nn.Module):
+    """A residual function with BatchNorm, as in a reversible CNN (RevNet): its running statistics change
+    with every call in training."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("momentum", [0.1, None])  # None: a cumulative average, counted by num_batches_tracked
+def test_batchnorm_running_statistics_count_each_forward_once(mode, momentum):
+    torch.manual_seed(0)
+    stack = ReversibleStack([ReversibleBlock(ConvBranch(3), ConvBranch(3), drop_path=0.2) for _ in range(3)])
+    for m in stack.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    stack = stack.double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    grads, stats = {}, {}
+    for backprop in (mode, "autograd"):
+        s = copy.deepcopy(stack)
+        got = run(s, x, backprop)
+        grads[backprop], stats[backprop] = got, [b.clone() for b in s.buffers()]
+    assert rel_error(grads[mode], grads["autograd"]) < 1e-10
+    assert stats["autograd"][2].item() == 1  # one forward, one batch counted
+    assert all(torch.equal(a, b) for a, b in zip(stats[mode], stats["autograd"]))

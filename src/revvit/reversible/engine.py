@@ -46,6 +46,7 @@ Guarantees (each checked by tests/test_reversible.py):
   reproducible from `torch.manual_seed` and two forwards before one backward each replay their own draws.
 * The forward's autocast state is re-entered for the recomputation; under autocast the streams stay in
   the parameters' precision (F and G compute in low precision, the sums and their inversion do not).
+* Running statistics (BatchNorm's) count each forward once: a recomputation leaves them as it found them.
 * The stack's input is kept: the first block runs on its exact input, not a reconstruction (a LayerNorm
   there would amplify a rounding error on an all-zero input, e.g. a dropped stage).
 
@@ -77,6 +78,7 @@ from .replay import (
     is_stochastic,
     outer_accumulates,
     parameters_swapped,
+    running_statistics_kept,
     stand_ins,
 )
 
@@ -414,6 +416,7 @@ class _Record:
             b = b.view_as(b)
         random = self.rng.replay() if replay and self.rng is not None else nullcontext()
         with random, (self.autocast.enter() if replay else nullcontext()), \
+                (running_statistics_kept(self.fn) if replay else nullcontext()), \
                 parameters_swapped(self.fn.modules(), swap or {}):
             params = [p for p in self.fn.parameters() if p.requires_grad]
             y = self.fn(b) if part is None else self.fn.forward_part(b, *part)

@@ -4,6 +4,8 @@
   ran, re-entered by the recomputation so it computes exactly what the forward did.
 * `is_stochastic(fn)`: whether fn draws random numbers at all (only then is the RNG captured and replayed,
   and only then may the recomputation not be split into chunks).
+* `running_statistics_kept(fn)`: a recomputation repeats the forward, so it must not update fn's running
+  statistics (BatchNorm's) a second time: it updates copies.
 * `backprop(out, leaf, d_out, params)`: back-propagate a recomputed piece. Parameter gradients go straight
   into `.grad` as autograd produces them, one at a time, unless the outer call is `torch.autograd.grad`,
   in which case they are handed back (nothing may touch `.grad` then).
@@ -19,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["RNGState", "AutocastState", "is_stochastic", "gradient_nodes", "outer_accumulates", "stand_ins",
-           "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
+__all__ = ["RNGState", "AutocastState", "is_stochastic", "running_statistics_kept", "gradient_nodes",
+           "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
 
 
 @dataclass
@@ -83,6 +85,27 @@ def is_stochastic(fn) -> bool:
         if any(isinstance(getattr(m, a, 0), float) and getattr(m, a) > 0 for a in ("attn_drop", "drop")):
             return True
     return False
+
+
+@contextmanager
+def running_statistics_kept(fn) -> Iterator[None]:
+    """Within the body (a recomputation), fn's normalisation layers that track running statistics in
+    training (BatchNorm, SyncBatchNorm, InstanceNorm with `track_running_stats`) update copies of them, so
+    the forward's count of the batch stands; the copies live on only where the recomputation's graph saved
+    them. Nothing is copied for a fn without such layers (every revvit model)."""
+    swapped = []
+    for m in fn.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = m._buffers.get(name)
+                if buf is not None:
+                    swapped.append((m, name, buf))
+                    m._buffers[name] = buf.clone()
+    try:
+        yield
+    finally:
+        for m, name, buf in swapped:
+            m._buffers[name] = buf
 
 
 def gradient_nodes(params: Sequence[Tensor]) -> list:
