@@ -366,3 +366,11 @@ def test_batchnorm_running_statistics_count_each_forward_once(mode, momentum):
     assert rel_error(grads[mode], grads["autograd"]) < 1e-10
     assert stats["autograd"][2].item() == 1  # one forward, one batch counted
     assert all(torch.equal(a, b) for a, b in zip(stats[mode], stats["autograd"]))
+
+
+def test_an_f_that_writes_over_its_input_is_refused_with_what_to_do():
+    f = nn.Sequential(nn.ReLU(inplace=True), nn.Linear(8, 8))  # silently changes the stream it reads
+    stack = ReversibleStack([ReversibleBlock(f, nn.Linear(8, 8))])
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="changed its input in place.*out of place"):
+        stack(x * 1, x * 2)

@@ -75,6 +75,7 @@ from .replay import (
     backprop,
     gradient_nodes,
     gradient_root,
+    input_unchanged,
     is_stochastic,
     outer_accumulates,
     parameters_swapped,
@@ -416,7 +417,7 @@ class _Record:
             b = b.view_as(b)
         random = self.rng.replay() if replay and self.rng is not None else nullcontext()
         with random, (self.autocast.enter() if replay else nullcontext()), \
-                (running_statistics_kept(self.fn) if replay else nullcontext()), \
+                (running_statistics_kept(self.fn) if replay else nullcontext()), input_unchanged(b, self.fn), \
                 parameters_swapped(self.fn.modules(), swap or {}):
             params = [p for p in self.fn.parameters() if p.requires_grad]
             y = self.fn(b) if part is None else self.fn.forward_part(b, *part)

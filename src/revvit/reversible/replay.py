@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["RNGState", "AutocastState", "is_stochastic", "running_statistics_kept", "gradient_nodes",
+__all__ = ["RNGState", "AutocastState", "is_stochastic", "running_statistics_kept", "input_unchanged", "gradient_nodes",
            "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
 
 
@@ -106,6 +106,18 @@ def running_statistics_kept(fn) -> Iterator[None]:
     finally:
         for m, name, buf in swapped:
             m._buffers[name] = buf
+
+
+@contextmanager
+def input_unchanged(x: Tensor, fn) -> Iterator[None]:
+    """Refuse an fn that wrote over its input `x` in the body (an in-place op on it, e.g. `ReLU(inplace=True)`
+    first): the engine rebuilds the streams from the very tensors F and G read."""
+    version = x._version
+    yield
+    if x._version != version:
+        raise RuntimeError(f"{type(fn).__name__} changed its input in place (an in-place op on it, such as a leading "
+                           "ReLU(inplace=True)): F and G of a reversible block must leave their input unchanged, "
+                           "the engine needs it to rebuild the streams; make that op out of place")
 
 
 def gradient_nodes(params: Sequence[Tensor]) -> list:
