@@ -374,3 +374,25 @@ def test_an_f_that_writes_over_its_input_is_refused_with_what_to_do():
     x = torch.randn(2, 5, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="changed its input in place.*out of place"):
         stack(x * 1, x * 2)
+
+
+def test_torch_func_per_sample_gradients_take_the_plain_forward_and_equal_autograd_mode():
+    from torch.func import functional_call, grad, vmap
+
+    stack = make_stack(3, drop_path=0.0)
+    for m in stack.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # vmap refuses random draws unless told how to batch them
+    params = {k: v.detach() for k, v in stack.named_parameters()}
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+
+    def loss(p, sample):
+        y1, y2 = functional_call(stack, p, (sample[None], sample[None]))
+        return two_stream_loss((y1, y2))
+
+    per_sample = {}
+    for mode in ("reversible", "autograd"):
+        stack.set_backprop(mode)
+        per_sample[mode] = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    assert all(torch.allclose(per_sample["reversible"][k], per_sample["autograd"][k], rtol=1e-12) for k in params)
+    assert per_sample["reversible"]["blocks.0.f.fc.weight"].shape == (4, 8, 8)

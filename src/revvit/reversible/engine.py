@@ -210,9 +210,10 @@ class ReversibleStack(nn.Module):
 
 
 def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
-    """Whether calling `module` on `inputs` now would build an autograd graph worth saving memory on."""
-    return torch.is_grad_enabled() and (any(x.requires_grad for x in inputs)
-                                        or any(p.requires_grad for p in module.parameters()))
+    """Whether calling `module` on `inputs` now would build an autograd graph worth saving memory on (not
+    under torch.func's transforms, grad or vmap: they differentiate the plain forward themselves)."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and (
+        any(x.requires_grad for x in inputs) or any(p.requires_grad for p in module.parameters()))
 
 
 @torch.compiler.disable
@@ -278,8 +279,7 @@ class _Tape:
 
     def couple(self, index: int, a: Tensor, b: Tensor) -> Tensor:
         """Apply coupling `index`, a + DropPath(fn(b)), without a graph: whole, or in pieces (see
-        `pieces`); its random state is taken just before fn runs, if fn is
-        random at all."""
+        `pieces`); its random state is taken just before fn runs, if fn is random at all."""
         r = self.records[index]
         r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
         pieces = self.pieces(index, b, forward=True)
