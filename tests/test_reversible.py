@@ -396,3 +396,16 @@ def test_torch_func_per_sample_gradients_take_the_plain_forward_and_equal_autogr
         per_sample[mode] = vmap(grad(loss), in_dims=(None, 0))(params, x)
     assert all(torch.allclose(per_sample["reversible"][k], per_sample["autograd"][k], rtol=1e-12) for k in params)
     assert per_sample["reversible"]["blocks.0.f.fc.weight"].shape == (4, 8, 8)
+
+
+def test_a_backward_that_records_a_graph_is_refused_with_what_to_do():
+    stack = make_stack(2)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    y1, y2 = stack(x, x)
+    with pytest.raises(RuntimeError, match="first derivatives only.*set_backprop\\('autograd'\\)"):
+        torch.autograd.grad(two_stream_loss((y1, y2)), x, create_graph=True)  # a gradient penalty
+    stack.set_backprop("autograd")  # where second derivatives work
+    y1, y2 = stack(x, x)
+    (g,) = torch.autograd.grad(two_stream_loss((y1, y2)), x, create_graph=True)
+    g.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

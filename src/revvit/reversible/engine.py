@@ -73,6 +73,7 @@ from .replay import (
     AutocastState,
     RNGState,
     backprop,
+    first_derivatives_only,
     gradient_nodes,
     gradient_root,
     input_unchanged,
@@ -220,7 +221,6 @@ def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
 def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, parallel: bool,
                     chunk_bytes: Optional[int]) -> tuple[Tensor, Tensor]:
     """The reversible forward: every block through `_BlockFunction`, each coupling recorded on one tape.
-
     torch.compile does not trace into it: the stack is one graph break, whatever its depth (dynamo would
     otherwise break at every coupling and recompile per tape length); the layers around it compile."""
     tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
@@ -300,10 +300,9 @@ class _Tape:
         """The streams right after coupling `index`. Couplings above it whose backward never runs (their
         output reached no loss: always a suffix of the stack) are first inverted without a graph."""
         if index > self.top:
-            raise RuntimeError(
-                "reversible backward: this stack's activations were already rebuilt and released by an earlier "
-                "backward through the same graph. Reversible backprop walks each forward back once (no "
-                "retain_graph); use set_backprop('autograd') to backpropagate twice.")
+            raise RuntimeError("reversible backward: this stack's activations were already rebuilt and released by "
+                               "an earlier backward through the same graph (each forward is walked back once, no "
+                               "retain_graph); use set_backprop('autograd') to backpropagate twice.")
         if not self.owns_streams:  # the stack's output: copied only if someone else still holds it
             self.streams = [s if chunks.sole_user(s) else s.clone() for s in self.streams]
             self.owns_streams = True
@@ -445,6 +444,7 @@ class _BlockFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_y1: Tensor, d_y2: Tensor):
+        first_derivatives_only()
         tape = ctx.tape
         refs = buffers.python_refs(d_y1, d_y2)  # first: before anything else refers to them
         grads = buffers.take([d_y1, d_y2], refs, tape.handed)  # [dY1, dY2], to become [dX1, dX2] in place

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["RNGState", "AutocastState", "is_stochastic", "running_statistics_kept", "input_unchanged", "gradient_nodes",
+__all__ = ["RNGState", "AutocastState", "is_stochastic", "running_statistics_kept", "input_unchanged",
+           "first_derivatives_only", "gradient_nodes",
            "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
 
 
@@ -118,6 +119,14 @@ def input_unchanged(x: Tensor, fn) -> Iterator[None]:
         raise RuntimeError(f"{type(fn).__name__} changed its input in place (an in-place op on it, such as a leading "
                            "ReLU(inplace=True)): F and G of a reversible block must leave their input unchanged, "
                            "the engine needs it to rebuild the streams; make that op out of place")
+
+
+def first_derivatives_only() -> None:
+    """Refuse a backward that records a graph (`create_graph=True`: a gradient penalty, a Hessian-vector
+    product): the reversible backward frees what it rebuilds and gives first derivatives only."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("reversible backprop gives first derivatives only: a backward with create_graph=True (a "
+                           "gradient penalty, double backward) needs set_backprop('autograd')")
 
 
 def gradient_nodes(params: Sequence[Tensor]) -> list:
