@@ -409,3 +409,23 @@ def test_a_backward_that_records_a_graph_is_refused_with_what_to_do():
     (g,) = torch.autograd.grad(two_stream_loss((y1, y2)), x, create_graph=True)
     g.square().sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hooks_on_a_block_run_as_in_autograd_mode_and_see_the_same_tensors(mode):
+    stack = make_stack(3, drop_path=0.0)
+    x = torch.randn(4, 5, 8, dtype=torch.float64)
+    seen = {}
+
+    def keep(kind):
+        return lambda module, inputs, outputs: seen.setdefault((stack.backprop, kind), []).append(
+            [t.detach().clone() for t in outputs if t is not None])
+
+    stack.blocks[1].register_forward_hook(keep("forward"))  # outputs: (Y1, Y2)
+    stack.blocks[1].register_full_backward_hook(keep("backward"))  # grad outputs: (dY1, dY2)
+    for backprop in (mode, "autograd"):
+        run(stack, x, backprop)
+    for kind in ("forward", "backward"):
+        got, want = seen[(mode, kind)], seen[("autograd", kind)]
+        assert len(got) == len(want) == 1, f"{kind} hook ran {len(got)} times, autograd mode: {len(want)}"
+        assert all(torch.allclose(g, w, rtol=1e-12, atol=1e-14) for g, w in zip(got[0], want[0]))

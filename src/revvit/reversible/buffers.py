@@ -39,7 +39,7 @@ def take(grads: list[Optional[Tensor]], refs: tuple[int, int], handed: Optional[
     for i, (g, n) in enumerate(zip(grads, refs)):
         if g is None:
             continue
-        from_above = handed is not None and handed[i]() is g
+        from_above = handed is not None and handed[i]() is g and n <= SOLE_REFS[i]  # and no hook kept it
         unseen = (g is not grads[1 - i] and g._base is None and g.is_contiguous() and g._use_count() == 1
                   and sole_user(g) and n <= SOLE_REFS[i])
         if not (from_above or unseen):

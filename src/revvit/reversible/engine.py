@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from . import buffers
 from . import pieces as chunks
 from .drop_path import add_dropped, drop, mask_of, through_drop_path
+from .hooks import has_hooks, sharded
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
@@ -225,19 +226,12 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
     otherwise break at every coupling and recompile per tape length); the layers around it compile."""
     tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
     for block in blocks:
-        if _sharded(block):  # FSDP2: called, so that its hooks gather parameters and bracket its backward
+        if sharded(block) or has_hooks(block):  # called, so that its hooks run (FSDP2's gather parameters)
             x1, x2 = block(x1, x2, run=partial(tape.forward_block, block))
         else:
             x1, x2 = tape.forward_block(block, x1, x2)
     tape.end_forward([x1, x2])
     return x1, x2
-
-
-def _sharded(block: nn.Module) -> bool:
-    """Whether `block` is sharded by FSDP2 (`fully_shard`): it must be called, not bypassed, in the forward,
-    and its parameters gathered (`unshard`, a no-op when they are) before a recomputation."""
-    fsdp = getattr(torch.distributed, "fsdp", None) if torch.distributed.is_available() else None
-    return fsdp is not None and isinstance(block, getattr(fsdp, "FSDPModule", ()))
 
 
 # -- one forward call's record ----------------------------------------------------------------------
@@ -273,7 +267,7 @@ class _Tape:
             first = all(r.target != target for r in self.records)
             fn_params = [p for p in fn.parameters() if p.requires_grad]
             self.records.append(_Record(block, fn, target, first, mask, None, AutocastState.capture(x1.device),
-                                        _sharded(block), fn_params, gradient_nodes(fn_params)))
+                                        sharded(block), fn_params, gradient_nodes(fn_params)))
             params += fn_params
         return _BlockFunction.apply(x1, x2, self, index, len(self.records) - index, *params)
 
