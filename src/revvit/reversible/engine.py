@@ -46,7 +46,7 @@ Guarantees (each checked by tests/test_reversible.py):
   reproducible from `torch.manual_seed` and two forwards before one backward each replay their own draws.
 * The forward's autocast state is re-entered for the recomputation; under autocast the streams stay in
   the parameters' precision (F and G compute in low precision, the sums and their inversion do not).
-* Running statistics (BatchNorm's) count each forward once: a recomputation leaves them as it found them.
+* A recomputation sees fn's buffers as the forward did and changes none (BatchNorm's running statistics).
 * The stack's input is kept: the first block runs on its exact input, not a reconstruction (a LayerNorm
   there would amplify a rounding error on an all-zero input, e.g. a dropped stage).
 
@@ -72,6 +72,7 @@ from .hooks import has_hooks, sharded
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
+    BufferState,
     RNGState,
     backprop,
     first_derivatives_only,
@@ -81,7 +82,6 @@ from .replay import (
     is_stochastic,
     outer_accumulates,
     parameters_swapped,
-    running_statistics_kept,
     stand_ins,
 )
 
@@ -267,7 +267,7 @@ class _Tape:
             first = all(r.target != target for r in self.records)
             fn_params = [p for p in fn.parameters() if p.requires_grad]
             self.records.append(_Record(block, fn, target, first, mask, None, AutocastState.capture(x1.device),
-                                        sharded(block), fn_params, gradient_nodes(fn_params)))
+                                        BufferState(fn), sharded(block), fn_params, gradient_nodes(fn_params)))
             params += fn_params
         return _BlockFunction.apply(x1, x2, self, index, len(self.records) - index, *params)
 
@@ -328,7 +328,7 @@ class _Tape:
         back-propagated) from the stream `b` its fn reads: [None] (whole), slices of the batch or of the
         tokens (an index of b), or `Part`s (the k-th of n summands)."""
         r = self.records[index]
-        if self.parallel or r.rng is not None or self.chunk_bytes == 0:
+        if self.parallel or r.rng is not None or self.chunk_bytes == 0 or not r.buffers.splittable:
             return [None]
         return chunks.pieces(r.fn, b, self.chunk_bytes, forward=forward)
 
@@ -392,6 +392,7 @@ class _Record:
     mask: Optional[Tensor]
     rng: Optional[RNGState]  # None: fn draws no random numbers
     autocast: AutocastState
+    buffers: BufferState  # what fn's forward changed of its buffers, as it was before
     sharded: bool  # FSDP2: gather the block's parameters before a recomputation
     params: list[Tensor]  # fn's trainable parameters, as the forward saw them (inputs of the coupling)
     gradient_nodes: list  # where autograd accumulates each of their .grad
@@ -401,7 +402,7 @@ class _Record:
         """(fn(b), fn's trainable parameters as seen by the call: DropPath is the caller's, see
         `drop_path`); `part` = (k, n): only the k-th
         of n summands of fn. `replay`: a recomputation, with the forward's random draws and autocast state
-        (the forward itself runs with the live ones). `swap`: stand-ins used in place of parameters."""
+        and buffers (the forward itself runs with the live ones). `swap`: stand-ins in place of parameters."""
         if replay and self.sharded:
             self.block.unshard()  # FSDP2's pre-backward has usually done it already (then a no-op)
         if b.requires_grad and b.is_leaf and torch.is_grad_enabled():
@@ -410,7 +411,7 @@ class _Record:
             b = b.view_as(b)
         random = self.rng.replay() if replay and self.rng is not None else nullcontext()
         with random, (self.autocast.enter() if replay else nullcontext()), \
-                (running_statistics_kept(self.fn) if replay else nullcontext()), input_unchanged(b, self.fn), \
+                (self.buffers.replay() if replay else self.buffers.forward()), input_unchanged(b, self.fn), \
                 parameters_swapped(self.fn.modules(), swap or {}):
             params = [p for p in self.fn.parameters() if p.requires_grad]
             y = self.fn(b) if part is None else self.fn.forward_part(b, *part)

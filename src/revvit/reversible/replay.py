@@ -4,8 +4,8 @@
   ran, re-entered by the recomputation so it computes exactly what the forward did.
 * `is_stochastic(fn)`: whether fn draws random numbers at all (only then is the RNG captured and replayed,
   and only then may the recomputation not be split into chunks).
-* `running_statistics_kept(fn)`: a recomputation repeats the forward, so it must not update fn's running
-  statistics (BatchNorm's) a second time: it updates copies.
+* `BufferState`: the buffers fn's forward changed (BatchNorm's running statistics), as they were before it;
+  a recomputation runs on copies of them, so it computes what the forward did and updates nothing twice.
 * `backprop(out, leaf, d_out, params)`: back-propagate a recomputed piece. Parameter gradients go straight
   into `.grad` as autograd produces them, one at a time, unless the outer call is `torch.autograd.grad`,
   in which case they are handed back (nothing may touch `.grad` then).
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["RNGState", "AutocastState", "is_stochastic", "running_statistics_kept", "input_unchanged",
+__all__ = ["RNGState", "AutocastState", "is_stochastic", "BufferState", "input_unchanged",
            "first_derivatives_only", "gradient_nodes",
            "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
 
@@ -88,25 +88,40 @@ def is_stochastic(fn) -> bool:
     return False
 
 
-@contextmanager
-def running_statistics_kept(fn) -> Iterator[None]:
-    """Within the body (a recomputation), fn's normalisation layers that track running statistics in
-    training (BatchNorm, SyncBatchNorm, InstanceNorm with `track_running_stats`) update copies of them, so
-    the forward's count of the batch stands; the copies live on only where the recomputation's graph saved
-    them. Nothing is copied for a fn without such layers (every revvit model)."""
-    swapped = []
-    for m in fn.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = m._buffers.get(name)
-                if buf is not None:
-                    swapped.append((m, name, buf))
-                    m._buffers[name] = buf.clone()
-    try:
+class BufferState:
+    """fn's buffers that its forward changes (BatchNorm's running statistics, spectral norm's power-iteration
+    vectors), as they were before the forward. A recomputation runs on copies of these: it computes what the
+    forward computed, and the forward's update is the only one that stands. Free for a fn without buffers
+    (every revvit model)."""
+
+    def __init__(self, fn):
+        self.watched = [(m, name, buf) for m in fn.modules() for name, buf in m._buffers.items() if buf is not None]
+        self.before: list = []  # (module, name, value before the forward) of each buffer the forward changed
+
+    @property
+    def splittable(self) -> bool:
+        """Whether fn may run in pieces: not with buffers in training, each piece would update them again."""
+        return not any(m.training for m, _, _ in self.watched)
+
+    @contextmanager
+    def forward(self) -> Iterator[None]:
+        """Around the forward's call of fn: keep the value before it of each buffer the call changes."""
+        kept = [(m, name, buf, buf._version, buf.clone()) for m, name, buf in self.watched]
         yield
-    finally:
-        for m, name, buf in swapped:
-            m._buffers[name] = buf
+        self.before = [(m, name, value) for m, name, buf, version, value in kept  # kernels (BatchNorm's) may
+                       if buf._version != version or not torch.equal(buf, value)]  # write without a version bump
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Around a recomputation: the buffers the forward changed hold a copy of their value before it."""
+        live = [(m, name, m._buffers[name]) for m, name, _ in self.before]
+        for m, name, value in self.before:
+            m._buffers[name] = value.clone()  # the recomputation may change it; a later one needs it again
+        try:
+            yield
+        finally:
+            for m, name, buf in live:
+                m._buffers[name] = buf
 
 
 @contextmanager
