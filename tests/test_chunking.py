@@ -381,3 +381,34 @@ def test_a_function_whose_forward_changes_its_buffers_runs_whole_and_replays_the
     assert (grads["reversible"] - grads["autograd"]).norm() < 1e-10 * grads["autograd"].norm()
     assert all(torch.equal(a, b) for a, b in zip(buffers["reversible"], buffers["autograd"]))  # one step each
     assert max(map(len, count_pieces)) > 1  # F, without buffers, is still split
+
+
+class ScaledMlpBranch(MlpBranch):
+    """G with a constant buffer (a fixed output scale): per token, and its forward changes no buffer."""
+
+    def __init__(self, dim: int, mlp_ratio: float):
+        super().__init__(dim, mlp_ratio)
+        self.register_buffer("scale", torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_a_function_with_constant_buffers_runs_whole_in_the_forward_and_in_pieces_when_recomputed(monkeypatch):
+    calls = []
+    original = chunks.pieces
+
+    def spy(fn, b, chunk_bytes, forward=False):
+        calls.append((type(fn).__name__, forward, len(original(fn, b, chunk_bytes, forward))))
+        return original(fn, b, chunk_bytes, forward)
+
+    monkeypatch.setattr(chunks, "pieces", spy)
+    torch.manual_seed(0)
+    stack = ReversibleStack([ReversibleBlock(AttentionBranch(16, 4, qkv_bias=True), ScaledMlpBranch(16, 2.0), 0.3)
+                             for _ in range(3)]).double()
+    stack.set_chunking(1)
+    assert_reversible_matches_autograd(stack, torch.randn(3, 5, 16, dtype=torch.float64),
+                                       forward=lambda s, v: s(v, v), loss=two_stream_loss)
+    g_calls = [(forward, n) for name, forward, n in calls if name == "ScaledMlpBranch"]
+    assert g_calls and all(not forward and n > 1 for forward, n in g_calls)  # asked only when recomputed: split
+    assert any(name == "AttentionBranch" and forward and n > 1 for name, forward, n in calls)

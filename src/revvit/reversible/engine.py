@@ -328,7 +328,7 @@ class _Tape:
         back-propagated) from the stream `b` its fn reads: [None] (whole), slices of the batch or of the
         tokens (an index of b), or `Part`s (the k-th of n summands)."""
         r = self.records[index]
-        if self.parallel or r.rng is not None or self.chunk_bytes == 0 or not r.buffers.splittable:
+        if self.parallel or r.rng is not None or self.chunk_bytes == 0 or not r.buffers.splittable(forward):
             return [None]
         return chunks.pieces(r.fn, b, self.chunk_bytes, forward=forward)
 

@@ -98,10 +98,10 @@ class BufferState:
         self.watched = [(m, name, buf) for m in fn.modules() for name, buf in m._buffers.items() if buf is not None]
         self.before: list = []  # (module, name, value before the forward) of each buffer the forward changed
 
-    @property
-    def splittable(self) -> bool:
-        """Whether fn may run in pieces: not with buffers in training, each piece would update them again."""
-        return not any(m.training for m, _, _ in self.watched)
+    def splittable(self, forward: bool) -> bool:
+        """Whether fn may run in pieces: in the forward not with buffers in training (each piece might update
+        them again), in the recomputation only if the forward changed none (a constant index table may)."""
+        return not any(m.training for m, _, _ in self.watched) if forward else not self.before
 
     @contextmanager
     def forward(self) -> Iterator[None]:
