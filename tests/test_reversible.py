@@ -429,3 +429,25 @@ def test_hooks_on_a_block_run_as_in_autograd_mode_and_see_the_same_tensors(mode)
         got, want = seen[(mode, kind)], seen[("autograd", kind)]
         assert len(got) == len(want) == 1, f"{kind} hook ran {len(got)} times, autograd mode: {len(want)}"
         assert all(torch.allclose(g, w, rtol=1e-12, atol=1e-14) for g, w in zip(got[0], want[0]))
+
+
+@pytest.mark.parametrize("hook", ["pre-hook returns new inputs", "hook returns new outputs", "hook edits an output"])
+def test_a_hook_that_changes_a_blocks_streams_is_refused_with_what_to_do(hook):
+    stack = make_stack(3)
+    block = stack.blocks[1]
+    if hook == "pre-hook returns new inputs":
+        block.register_forward_pre_hook(lambda module, args: (args[0] * 2, args[1]))
+    elif hook == "hook returns new outputs":
+        block.register_forward_hook(lambda module, args, out: (out[0], out[1] + 1))
+    else:
+        def edit(module, args, out):
+            out[0].mul_(2)
+
+        block.register_forward_hook(edit)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="hooks may read the streams but not change them.*autograd"):
+        stack(x, x)
+    if hook != "hook edits an output":  # (editing a tensor autograd saved fails there too)
+        stack.set_backprop("autograd")  # where such hooks work
+        two_stream_loss(stack(x, x)).backward()
+        assert x.grad is not None

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from . import buffers
 from . import pieces as chunks
 from .drop_path import add_dropped, drop, mask_of, through_drop_path
-from .hooks import has_hooks, sharded
+from .hooks import called, has_hooks, sharded
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
@@ -227,7 +227,7 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
     tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
     for block in blocks:
         if sharded(block) or has_hooks(block):  # called, so that its hooks run (FSDP2's gather parameters)
-            x1, x2 = block(x1, x2, run=partial(tape.forward_block, block))
+            x1, x2 = called(block, partial(tape.forward_block, block), x1, x2, strict=not sharded(block))
         else:
             x1, x2 = tape.forward_block(block, x1, x2)
     tape.end_forward([x1, x2])

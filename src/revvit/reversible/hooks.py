@@ -3,10 +3,10 @@ engine's couplings, a fused layer) must then call it."""
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["has_hooks", "sharded"]
+__all__ = ["has_hooks", "sharded", "called"]
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -22,3 +22,31 @@ def sharded(block: nn.Module) -> bool:
     and its parameters gathered (`unshard`, a no-op when they are) before a recomputation."""
     fsdp = getattr(torch.distributed, "fsdp", None) if torch.distributed.is_available() else None
     return fsdp is not None and isinstance(block, getattr(fsdp, "FSDPModule", ()))
+
+
+def called(block: nn.Module, run, x1: Tensor, x2: Tensor, strict: bool) -> tuple[Tensor, Tensor]:
+    """`block(x1, x2, run=run)`: the block is called so that its hooks run, `run` does its work. The engine
+    rebuilds each block's input from its output, so with `strict` a hook that replaced or changed the
+    streams (a pre-hook returning new inputs, a hook returning or editing the outputs) is refused. FSDP2's
+    hooks are not strict: they cast inputs to the parameters' precision."""
+    seen: list[tuple[Tensor, Tensor, int]] = []
+
+    def checked(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+        seen.extend([(a, x1, a._version), (b, x2, b._version)])
+        y1, y2 = run(a, b)
+        seen.extend([(y1, y1, y1._version), (y2, y2, y2._version)])
+        return y1, y2
+
+    out = block(x1, x2, run=checked if strict else run)
+    if strict:
+        got = [seen[0][0], seen[1][0], *out] if isinstance(out, tuple) and len(out) == 2 else []
+        if not got or not all(_same(g, want) and g._version == version for g, (_, want, version) in zip(got, seen)):
+            raise RuntimeError(f"a hook on reversible block {type(block).__name__} replaced or changed its input or "
+                               "output streams: the engine rebuilds each block's input from its output, so hooks may "
+                               "read the streams but not change them; use set_backprop('autograd') for such hooks")
+    return out
+
+
+def _same(t: Tensor, u: Tensor) -> bool:
+    """The same values in the same memory (a hook may hand on an alias, as full backward hooks do)."""
+    return t.data_ptr() == u.data_ptr() and t.shape == u.shape and t.stride() == u.stride() and t.dtype == u.dtype
