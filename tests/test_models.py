@@ -222,3 +222,28 @@ def test_initialisation_does_not_depend_on_python_hashing():
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "4")]
     assert runs[0].count("\n") == len(NAMES) and runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("rev_")])
+def test_a_hook_that_skips_recomputations_sees_each_module_as_often_as_in_autograd_mode(name):
+    from revvit.reversible import recomputing
+
+    model = small(name, drop_path_rate=0.2)
+    x = example_input(model)
+    calls, recomputed = {}, []
+
+    def count(module, args, out):
+        if recomputing():
+            recomputed.append(module)
+        else:
+            calls[(model.backprop, id(module))] = calls.get((model.backprop, id(module)), 0) + 1
+
+    for module in model.modules():
+        if not list(module.children()):  # every leaf layer, inside F, G and the stage transitions alike
+            module.register_forward_hook(count)
+    for mode in ("reversible", "autograd"):
+        model.set_backprop(mode)
+        model(x).logsumexp(-1).sum().backward()
+    per_mode = {mode: {k[1]: v for k, v in calls.items() if k[0] == mode} for mode in ("reversible", "autograd")}
+    assert per_mode["reversible"] == per_mode["autograd"]
+    assert recomputed  # the hooks did run in the recomputations too

@@ -3,6 +3,7 @@ pools on the input's grid, and the twin's pre-norm residual block. `mvit.py` ass
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Optional
 
 from timm.layers import DropPath, drop_path
@@ -11,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import Grid, Mlp, MlpBranch, PoolingAttention, PoolingAttentionBranch
 from ..reversible import ReversibleBlock, join_streams, records_graph
+from ..reversible.hooks import recomputation
 from .mvit_layout import LayerSpec, MViTConfig, parse_fusion
 
 __all__ = ["StreamFusion", "StageTransition", "GridBlock", "MViTBlock"]
@@ -81,7 +83,7 @@ class StageTransition(nn.Module):
         recomputation in backward pools on the forward's grid."""
         grid = self.f.grid if grid is None else tuple(grid)
         if self.recompute and records_graph(self, x1, x2):
-            return checkpoint(self._forward, x1, x2, grid, use_reentrant=False, preserve_rng_state=True)
+            return _recomputed(self._forward, x1, x2, grid)
         return self._forward(x1, x2, grid)
 
     def _forward(self, x1: Tensor, x2: Tensor, grid: Grid) -> Tensor:
@@ -102,11 +104,18 @@ class StageTransition(nn.Module):
         (nested checkpointing), so the backward holds one part's activations at a time (fusion, attention,
         MLP), not the whole block's: a third of the transition's memory for one more forward of it."""
         if self.recompute and self.nested and records_graph(self, *[a for a in args if isinstance(a, Tensor)]):
-            return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
+            return _recomputed(fn, *args)
         return fn(*args)
 
     def extra_repr(self) -> str:
         return f"drop_path={self.drop_path}, recompute={self.recompute}"
+
+
+def _recomputed(fn, *args):
+    """fn(*args) under activation checkpointing, random draws replayed; its recomputation is marked as one
+    (`reversible.recomputing()`), as the engine's are."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True,
+                      context_fn=lambda: (nullcontext(), recomputation()))
 
 
 class MViTBlock(nn.Module):

@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from . import buffers
 from . import pieces as chunks
 from .drop_path import add_dropped, drop, mask_of, through_drop_path
-from .hooks import called, has_hooks, sharded
+from .hooks import called, has_hooks, recomputation, sharded
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
@@ -399,10 +399,10 @@ class _Record:
 
     def call(self, b: Tensor, part: Optional[tuple[int, int]] = None, replay: bool = True,
              swap: Optional[dict[int, Tensor]] = None) -> tuple[Tensor, list[Tensor]]:
-        """(fn(b), fn's trainable parameters as seen by the call: DropPath is the caller's, see
-        `drop_path`); `part` = (k, n): only the k-th
-        of n summands of fn. `replay`: a recomputation, with the forward's random draws and autocast state
-        and buffers (the forward itself runs with the live ones). `swap`: stand-ins in place of parameters."""
+        """(fn(b), fn's trainable parameters as seen by the call: DropPath is the caller's, see `drop_path`);
+        `part` = (k, n): only the k-th of n summands of fn. `replay`: a recomputation (`hooks.recomputing()`),
+        with the forward's random draws, autocast state and buffers (the forward runs with the live ones).
+        `swap`: stand-ins in place of parameters."""
         if replay and self.sharded:
             self.block.unshard()  # FSDP2's pre-backward has usually done it already (then a no-op)
         if b.requires_grad and b.is_leaf and torch.is_grad_enabled():
@@ -412,7 +412,7 @@ class _Record:
         random = self.rng.replay() if replay and self.rng is not None else nullcontext()
         with random, (self.autocast.enter() if replay else nullcontext()), \
                 (self.buffers.replay() if replay else self.buffers.forward()), input_unchanged(b, self.fn), \
-                parameters_swapped(self.fn.modules(), swap or {}):
+                (recomputation() if replay else nullcontext()), parameters_swapped(self.fn.modules(), swap or {}):
             params = [p for p in self.fn.parameters() if p.requires_grad]
             y = self.fn(b) if part is None else self.fn.forward_part(b, *part)
         return y, params

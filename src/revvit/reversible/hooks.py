@@ -2,11 +2,15 @@
 engine's couplings, a fused layer) must then call it."""
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["has_hooks", "sharded", "called"]
+__all__ = ["has_hooks", "sharded", "called", "recomputing", "recomputation"]
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -50,3 +54,23 @@ def called(block: nn.Module, run, x1: Tensor, x2: Tensor, strict: bool) -> tuple
 def _same(t: Tensor, u: Tensor) -> bool:
     """The same values in the same memory (a hook may hand on an alias, as full backward hooks do)."""
     return t.data_ptr() == u.data_ptr() and t.shape == u.shape and t.stride() == u.stride() and t.dtype == u.dtype
+
+
+_STATE = threading.local()
+
+
+def recomputing() -> bool:
+    """Whether the reversible engine is recomputing an F or G right now. Hooks inside F and G run again when
+    they are recomputed (as under activation checkpointing); one that collects features or statistics once
+    per forward can skip these calls: `if revvit.reversible.recomputing(): return`."""
+    return getattr(_STATE, "depth", 0) > 0
+
+
+@contextmanager
+def recomputation() -> Iterator[None]:
+    """Marks the body as a recomputation (see `recomputing`)."""
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
