@@ -1,5 +1,7 @@
-"""Whether a module's call would run hooks (its own, global ones, FSDP2's): a path that bypasses the call (the
-engine's couplings, a fused layer) must then call it."""
+"""Hooks and the engine. Whether a module's call would run hooks (its own, global ones, FSDP2's): a path that
+bypasses the call (the engine's couplings, a fused layer) must then call it (`has_hooks`, `sharded`,
+`called`, which refuses a hook that changes a block's streams). And whether F or G is being recomputed
+now (`recomputing`), for hooks inside them that should see each forward once."""
 from __future__ import annotations
 
 import threading

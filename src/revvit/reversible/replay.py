@@ -6,6 +6,8 @@
   and only then may the recomputation not be split into chunks).
 * `BufferState`: the buffers fn's forward changed (BatchNorm's running statistics), as they were before it;
   a recomputation runs on copies of them, so it computes what the forward did and updates nothing twice.
+* `input_unchanged`, `first_derivatives_only`: what the engine cannot do, refused with what to do instead
+  (an fn that writes over its input; a backward with `create_graph=True`).
 * `backprop(out, leaf, d_out, params)`: back-propagate a recomputed piece. Parameter gradients go straight
   into `.grad` as autograd produces them, one at a time, unless the outer call is `torch.autograd.grad`,
   in which case they are handed back (nothing may touch `.grad` then).
@@ -21,9 +23,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
-__all__ = ["RNGState", "AutocastState", "is_stochastic", "BufferState", "input_unchanged",
-           "first_derivatives_only", "gradient_nodes",
-           "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop", "gradient_buffer"]
+__all__ = ["RNGState", "AutocastState", "is_stochastic", "BufferState", "input_unchanged", "first_derivatives_only",
+           "gradient_nodes", "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop",
+           "gradient_buffer"]
 
 
 @dataclass
