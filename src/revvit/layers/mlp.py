@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..reversible.hooks import has_hooks
 from ..reversible.pieces import even_slices, split_inside
-from .hooks import has_hooks
 from .linear import Linear, add_weight_grads, adds_into_grad
 
 

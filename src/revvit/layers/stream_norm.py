@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..reversible import join_streams
+from ..reversible.hooks import has_hooks
 from ..reversible.replay import AutocastState
-from .hooks import has_hooks
 
 __all__ = ["norm_streams", "mean_tokens"]
 

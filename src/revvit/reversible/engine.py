@@ -226,8 +226,9 @@ def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, p
     otherwise break at every coupling and recompile per tape length); the layers around it compile."""
     tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
     for block in blocks:
-        if sharded(block) or has_hooks(block):  # called, so that its hooks run (FSDP2's gather parameters)
-            x1, x2 = called(block, partial(tape.forward_block, block), x1, x2, strict=not sharded(block))
+        fsdp = sharded(block)
+        if fsdp or has_hooks(block):  # called, so that its hooks run (FSDP2's gather parameters)
+            x1, x2 = called(block, partial(tape.forward_block, block), x1, x2, strict=not fsdp)
         else:
             x1, x2 = tape.forward_block(block, x1, x2)
     tape.end_forward([x1, x2])

@@ -35,18 +35,18 @@ def called(block: nn.Module, run, x1: Tensor, x2: Tensor, strict: bool) -> tuple
     rebuilds each block's input from its output, so with `strict` a hook that replaced or changed the
     streams (a pre-hook returning new inputs, a hook returning or editing the outputs) is refused. FSDP2's
     hooks are not strict: they cast inputs to the parameters' precision."""
-    seen: list[tuple[Tensor, Tensor, int]] = []
+    seen: list[tuple[Tensor, int]] = []  # the streams as `run` was given and made them, and their versions
 
     def checked(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        seen.extend([(a, x1, a._version), (b, x2, b._version)])
+        seen.extend([(a, a._version), (b, b._version)])
         y1, y2 = run(a, b)
-        seen.extend([(y1, y1, y1._version), (y2, y2, y2._version)])
+        seen.extend([(y1, y1._version), (y2, y2._version)])
         return y1, y2
 
     out = block(x1, x2, run=checked if strict else run)
     if strict:
-        got = [seen[0][0], seen[1][0], *out] if isinstance(out, tuple) and len(out) == 2 else []
-        if not got or not all(_same(g, want) and g._version == version for g, (_, want, version) in zip(got, seen)):
+        handed = [x1, x2, *out] if isinstance(out, tuple) and len(out) == 2 else []  # given, and given back
+        if len(handed) != len(seen) or not all(_same(h, t) and t._version == v for h, (t, v) in zip(handed, seen)):
             raise RuntimeError(f"a hook on reversible block {type(block).__name__} replaced or changed its input or "
                                "output streams: the engine rebuilds each block's input from its output, so hooks may "
                                "read the streams but not change them; use set_backprop('autograd') for such hooks")
