@@ -9,7 +9,10 @@ is a function of (seed, epoch), and resuming skips the consumed batches.
 Never written: a checkpoint or weights file holding a non-finite tensor (`save_checkpoint` refuses it, the
 last good one stays). A checkpoint that fails to load when resuming (truncated, corrupt, or holding pickled
 code, which is refused, never run) is renamed `<name>.refused`: it is named, kept for inspection, and no
-longer counts toward `keep_last`, so rotation keeps that many good ones.
+longer counts toward `keep_last`, so rotation keeps that many good ones. When no step checkpoint loads,
+the run resumes from best.pt (never renamed). A folder holding a run's files (`run_files`) is never
+trained into afresh, and a start that fails before the first checkpoint removes what it created
+(`remove_failed_start`).
 
 Writes are atomic (`revvit.io.atomic_write`: a temporary file in the same directory, flush + fsync,
 `os.replace`, fsync of the directory). A crash at any moment leaves either the old file set or the new
@@ -22,6 +25,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -36,9 +40,11 @@ from .parts import TrainError
 
 __all__ = ["atomic_write", "atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "CheckpointError",
            "rng_state", "set_rng_state", "load_model", "BEST", "WEIGHTS", "EMA_WEIGHTS", "non_finite",
-           "check_output_dir", "prepare_output_dir", "load_model_state", "REFUSED"]
+           "check_output_dir", "prepare_output_dir", "load_model_state", "REFUSED", "run_files", "resumable",
+           "folder_entries", "remove_failed_start", "CONFIG"]
 
 BEST = "best.pt"
+CONFIG = "config.yaml"  # the run's settings (`revvit train --config` reruns it)
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "model_ema.safetensors"
 REFUSED = ".refused"  # suffix given to a checkpoint that failed to load on resume
@@ -59,6 +65,46 @@ def check_output_dir(out_dir: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise TrainError(f"--output {out_dir}: {existing} is not writable (permission denied); "
                          "choose a folder you can write, or fix its permissions")
+
+
+def run_files(out_dir: Path) -> list[str]:
+    """What a run left in `out_dir` that a new run there would overwrite or bury: step checkpoints (also
+    those set aside as unreadable), best.pt and the final weights."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    found = {p.name for pattern in ("ckpt_*.pt", "ckpt_*.pt" + REFUSED) for p in out_dir.glob(pattern)}
+    return sorted(found | {n for n in (BEST, WEIGHTS, EMA_WEIGHTS) if (out_dir / n).is_file()})
+
+
+def resumable(out_dir: Path) -> bool:
+    """Whether `out_dir` has a checkpoint to resume from: a step checkpoint, or best.pt."""
+    return bool(list_checkpoints(out_dir)) or (Path(out_dir) / BEST).is_file()
+
+
+def folder_entries(out_dir: Path) -> Optional[set[str]]:
+    """The names in `out_dir` (None: no such folder): taken before a run starts, for `remove_failed_start`."""
+    out_dir = Path(out_dir)
+    return set(os.listdir(out_dir)) if out_dir.is_dir() else None
+
+
+def remove_failed_start(out_dir: Path, before: Optional[set[str]]) -> list[str]:
+    """After a run stopped before writing any checkpoint: remove what it created in `out_dir` (config.yaml,
+    logs; the folder itself if it made it), keeping everything that was there before (`before`, from
+    `folder_entries`). Nothing is removed once the folder holds a run's files. Returns the names removed."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir() or run_files(out_dir):
+        return []
+    created = sorted(set(os.listdir(out_dir)) - (before or set()))
+    for name in created:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if before is None and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    return created
 
 
 def prepare_output_dir(out_dir: Path, log: Callable[[str], None] = print) -> None:
@@ -132,27 +178,55 @@ def save_checkpoint(state: dict, out_dir: Path, step: int, keep_last: int, is_be
 
 
 def load_latest(out_dir: Path, log: Callable[[str], None] = print) -> Optional[tuple[Path, dict]]:
-    """The newest checkpoint that loads; a corrupt or truncated one is reported by name and skipped.
-    None when the directory has no checkpoint; CheckpointError when none of them loads."""
+    """The newest step checkpoint that loads, else best.pt; a corrupt or truncated step checkpoint is reported
+    by name and set aside (best.pt is never renamed). None when the directory has neither; CheckpointError
+    when none of them loads."""
     candidates = list_checkpoints(out_dir)
+    if (Path(out_dir) / BEST).is_file():
+        candidates.append(Path(out_dir) / BEST)  # the last resort: the best epoch's full training state
     if not candidates:
         return None
-    for path in candidates:
+    for i, path in enumerate(candidates):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(state, dict) or "model" not in state or "global_step" not in state:
                 raise CheckpointError(path, "not a revvit training checkpoint")
             return path, state
         except Exception as e:  # truncated zip, pickled code, wrong content
-            # torch names what weights_only refused ("Unsupported global" / "Weights only load failed")
-            code = isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower()
-            why = ("holds pickled code (Python objects beyond tensors and plain data), refused: revvit never runs "
-                   "code from a checkpoint" if code else
-                   f"is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-            refused = path.with_name(path.name + REFUSED)
-            os.replace(path, refused)  # out of the rotation: keep_last counts good checkpoints only
-            log(f"warning: checkpoint {path} {why}; renamed to {refused.name}, falling back to the previous one")
-    raise CheckpointError(out_dir, f"no usable checkpoint: all of {[p.name for p in candidates]} failed to load")
+            log(f"warning: checkpoint {path} {_why_unreadable(path, e)}; " + _set_aside(path)
+                + (f", trying {candidates[i + 1].name}" if i + 1 < len(candidates) else ""))
+    raise CheckpointError(out_dir, f"no usable checkpoint: {', '.join(p.name for p in candidates)} failed to load",
+                          "Copy a good checkpoint into the folder to resume, or start a new run with another "
+                          "--output (unreadable step checkpoints were renamed *.refused).")
+
+
+def _why_unreadable(path: Path, e: Exception) -> str:
+    if path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    # torch names what weights_only refused ("Unsupported global" / "Weights only load failed")
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower() and _saved_by_torch(path):
+        return ("holds pickled code (Python objects beyond tensors and plain data), refused: revvit never runs "
+                "code from a checkpoint")
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"is corrupt or truncated ({type(e).__name__}{': ' + first[:160] if first else ''})"
+
+
+def _saved_by_torch(path: Path) -> bool:
+    """Whether `path` starts as torch.save's files do (a zip archive, or a pickle in the legacy format): a file
+    of random bytes is corrupt, not code."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def _set_aside(path: Path) -> str:
+    """Rename an unreadable step checkpoint out of the rotation (keep_last counts good ones only); best.pt
+    stays where it is."""
+    if path.name == BEST:
+        return "left in place"
+    refused = path.with_name(path.name + REFUSED)
+    os.replace(path, refused)
+    return f"renamed to {refused.name}"
 
 
 def load_model_state(model: nn.Module, state: dict, path: Path, model_name: str, model_kwargs: dict,

@@ -18,6 +18,7 @@ check, which warns about and substitutes an unreadable file when it is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ class TrainConfig(DataOptions):
             if not ok:
                 raise ConfigError(msg)
 
+        for name, tp in _field_types().items():  # nan and infinity would slip through the comparisons below
+            value = getattr(self, name)
+            if float in (tp, *typing.get_args(tp)) and value is not None:
+                need(math.isfinite(value), f"{name} must be a finite number, got {value}")
         need(self.backprop in ("reversible", "parallel", "autograd"),
              f"backprop must be 'reversible', 'parallel' or 'autograd', got {self.backprop!r}")
         need(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
@@ -104,9 +109,12 @@ class TrainConfig(DataOptions):
                      "weight_decay", "mixup", "cutmix", "min_lr", "warmup_lr", "drop_path"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.eps > 0, f"eps (AdamW's denominator term) must be > 0, got {self.eps}")
+        need(0 <= self.seed < 2 ** 32, f"seed must be in [0, 2**32), got {self.seed}")
         need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         need(0 <= self.reprob <= 1, f"reprob must be in [0, 1], got {self.reprob}")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                          and 0 <= b < 1 for b in self.betas),
              f"betas must be two numbers in [0, 1), got {self.betas}")
         need(self.clip_grad is None or self.clip_grad > 0, f"clip_grad must be > 0 or none, got {self.clip_grad}")
         need(0 < self.ema_decay < 1, f"ema_decay must be in (0, 1), got {self.ema_decay}")
@@ -236,10 +244,14 @@ def from_dict(values: dict, base: Optional[TrainConfig] = None) -> TrainConfig:
 def read_config_file(path: str | Path, merge_base: bool = True) -> dict:
     """The settings a YAML recipe sets, unchecked; with `merge_base`, over those of its `base:` recipes."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: give a YAML file (e.g. configs/digits.yaml)")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8): give a YAML recipe") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(values, dict):

@@ -178,24 +178,34 @@ def adapt_state_dict(state: dict, model: nn.Module) -> tuple[dict, list[str]]:
         out[stem] = _adapt_channels(out[stem], own[stem].shape[1])
     head = [k for k in ("head.weight", "head.bias") if k in out and k in own and out[k].shape != own[k].shape]
     if head:
-        notes.append(f"classifier replaced: the file predicts {out['head.weight'].shape[0]} classes, the run "
-                     f"{own['head.weight'].shape[0]} (head newly initialised)")
+        theirs, ours = out["head.weight"].shape[0], own["head.weight"].shape[0]
+        why = (f"the file predicts {theirs} classes, the run {ours}" if theirs != ours else
+               f"its input width differs (the file {out['head.weight'].shape[1]}, "
+               f"the run {own['head.weight'].shape[1]})")
+        notes.append(f"classifier replaced: {why} (head newly initialised)")
         for k in head:
             del out[k]
     return out, notes
 
 
+MIN_FITTING = 0.5  # refuse a pretrained file that fits less than this share of the model's non-head weights
+
+
 def load_pretrained(model: nn.Module, path: str | Path, log: Callable[[str], None] = print) -> Pretrained:
     """Copy the weights of `path` into `model` (see the module docstring); says what loaded and names what
-    did not. Raises TrainError when no weight of the file fits the model."""
+    did not. Raises TrainError when the file fits less than half of the model's weights (the head aside):
+    another architecture, not a fine-tuning start."""
     pretrained = read_pretrained(path)
     state, notes = adapt_state_dict(pretrained.state, model)
     own = model.state_dict()
     wrong = sorted(k for k in state if k in own and state[k].shape != own[k].shape)
     fits = {k: v for k, v in state.items() if k in own and k not in wrong}
-    if not fits:
-        raise TrainError(f"no weight of {path} ({pretrained.model}) fits the run's model "
-                         f"{type(model).__name__}: choose the file's architecture (drop --model) or another file")
+    body = [k for k in own if not k.startswith("head.")]  # a new classifier is the usual fine-tuning change
+    if sum(k in fits for k in body) < MIN_FITTING * len(body):
+        raise TrainError(f"only {len(fits)} of the {len(own)} weights of {path} ({pretrained.model}) fit the run's "
+                         f"model {type(model).__name__} ({len(wrong)} differ in shape, "
+                         f"{sum(k not in state for k in body)} missing): it is another architecture; choose the "
+                         "file's own (drop --model and model_kwargs that change widths or depth) or another file")
     model.load_state_dict(fits, strict=False)
     missing = sorted(k for k in own if k not in pretrained.state)  # a replaced head is in notes
     unused = sorted(k for k in state if k not in own)

@@ -95,6 +95,7 @@ class Run:
     net: Optional[nn.Module] = None  # what the step calls: `model`, or DDP over it (after resume)
     logger: Optional[RunLogger] = None
     val_loader: Optional[DataLoader] = None
+    config_due: bool = False  # resumed: config.yaml is rewritten once the run has saved a checkpoint
 
     def say(self, msg: str) -> None:
         if self.d.is_main:
@@ -122,9 +123,13 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     if cfg.parallel == "fsdp" and d.enabled and cfg.ema:
         raise TrainError("parallel=fsdp does not support ema=true yet (the average needs the whole model on one "
                          "process): use parallel=ddp, or ema=false")
-    if not resume and ckpt.list_checkpoints(out_dir):  # every rank checks, so all stop together
-        raise TrainError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
-                         "or choose another --output")
+    existing, continuing = ckpt.run_files(out_dir), resume and ckpt.resumable(out_dir)
+    if existing and not continuing:  # every rank checks, so all stop together; nothing of a run is overwritten
+        held = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
+        raise TrainError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, or choose "
+                         "another --output" if ckpt.resumable(out_dir) else
+                         f"{out_dir} holds a run's files ({held}) but no checkpoint to resume from: choose another "
+                         f"--output (to start from its weights: --pretrained {out_dir / ckpt.WEIGHTS})")
     ckpt.check_output_dir(out_dir)  # the folder is created once data and model are known to be good
     say = tqdm.write if d.is_main else (lambda msg: None)
 
@@ -144,7 +149,7 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
             "verify_data=true forces it): an unreadable file is skipped, with a warning, when it is loaded")
     model, model_kwargs = create_run_model(cfg, data.num_classes, data.img_size, data.in_chans,
                                            data.num_frames if data.kind == "video" else None)
-    if cfg.pretrained and not (resume and ckpt.list_checkpoints(out_dir)):  # a resumed run has its own weights
+    if cfg.pretrained and not continuing:  # a resumed run has its own weights
         load_pretrained(model, cfg.pretrained, log=say)
     data.train = data_common.EpochSeeded(data.train, cfg.seed)  # augmentation independent of the workers
     sampler = train_sampler(cfg, data.train, d)
@@ -162,8 +167,8 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
     elif cfg.parallel == "fsdp":
         say("parallel=fsdp: one process, nothing to shard (start under torchrun to shard over processes)")
     say(describe_run(cfg, data, sum(p.numel() for p in model.parameters()), str(d.device), d.world_size, out_dir))
-    if d.is_main:
-        save_config(cfg, out_dir / "config.yaml")
+    if d.is_main and not continuing:  # a resumed run's config.yaml changes with its first new checkpoint
+        save_config(cfg, out_dir / ckpt.CONFIG)
 
     optimizer = build_finetune_optimizer(model, cfg)
     mix = mixup_fn(cfg, data.num_classes)
@@ -173,7 +178,8 @@ def setup(cfg: TrainConfig, out_dir: Path, d: DistInfo, resume: bool, t_start: f
                scaler=torch.amp.GradScaler(d.device.type, enabled=cfg.amp == "fp16"),
                criterion=SoftTargetCrossEntropy() if mix is not None
                else nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-               mix=mix, sampler=sampler, per_rank=per_rank, steps_per_epoch=steps_per_epoch, t_start=t_start)
+               mix=mix, sampler=sampler, per_rank=per_rank, steps_per_epoch=steps_per_epoch, t_start=t_start,
+               config_due=continuing)
 
 
 def resume_or_seed(run: Run, resume: bool) -> None:
@@ -251,6 +257,9 @@ def save_checkpoint(run: Run, is_best: bool = False) -> None:
                          "every process stops")
     if failure is not None:
         raise failure
+    if d.is_main and run.config_due:  # the resumed run's settings now describe a checkpoint: rerun with them
+        save_config(run.cfg, run.out_dir / ckpt.CONFIG)
+        run.config_due = False
 
 
 def epoch_loader(run: Run, generator: torch.Generator) -> DataLoader:
@@ -420,7 +429,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callab
     t_start = time.perf_counter()
     d = init_distributed(cfg.device)
     saved_threads, saved_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    run = None
+    run, before = None, ckpt.folder_entries(Path(out_dir))
     try:
         run = setup(cfg, Path(out_dir), d, resume, t_start)
         resume_or_seed(run, resume)
@@ -431,9 +440,16 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callab
             end_epoch(run)
         run.logger.close()  # before the summary is printed; closing again below is harmless
         return finish(run)
+    except BaseException:
+        if run is not None and run.logger is not None:
+            run.logger.close()  # flushed also after a stop (divergence, Ctrl-C); before any file is removed
+        removed = ckpt.remove_failed_start(Path(out_dir), before) if d.is_main else []
+        if removed:
+            log(f"no checkpoint was written: removed what this run created in {out_dir} ({', '.join(removed)})")
+        raise
     finally:
-        if run is not None and getattr(run, "logger", None) is not None:
-            run.logger.close()  # flushed also after a stop (divergence, Ctrl-C); closing twice is harmless
+        if run is not None and run.logger is not None:
+            run.logger.close()  # closing twice is harmless
         torch.set_num_threads(saved_threads)
         torch.use_deterministic_algorithms(saved_det)
         shutdown()

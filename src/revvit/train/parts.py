@@ -38,6 +38,10 @@ def create_run_model(cfg: TrainConfig, num_classes: int, img_size: int, in_chans
     if cfg.model not in timm.list_models():
         raise TrainError(f"unknown model {cfg.model!r}. revvit models: {', '.join(known_models())} "
                          f"(timm has {len(timm.list_models())} others: timm.list_models())")
+    asked = cfg.model_kwargs.get("num_classes", num_classes)
+    if asked != num_classes:
+        raise TrainError(f"model_kwargs.num_classes={asked!r} but the data has {num_classes} classes: drop it "
+                         "(the classifier is sized from the data)")
     kwargs = dict(num_classes=num_classes, img_size=img_size, in_chans=in_chans, drop_path_rate=cfg.drop_path)
     if num_frames is not None:
         kwargs["num_frames"] = num_frames

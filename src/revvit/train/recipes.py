@@ -163,8 +163,11 @@ def train_config(config: Optional[str], overrides: list[str], out_dir: Optional[
     from .config import load_config
 
     given = _values(overrides)
-    if resume and out_dir is not None and ckpt.list_checkpoints(out_dir):
+    if resume and out_dir is not None and ckpt.resumable(out_dir):
         return resume_config(out_dir, config, overrides, log)
+    if resume and out_dir is not None and config is None and (Path(out_dir) / ckpt.CONFIG).is_file():
+        config = str(Path(out_dir) / ckpt.CONFIG)  # stopped before its first checkpoint: start it again as it was
+        log(f"no checkpoint in {out_dir}: starting the run again from its {ckpt.CONFIG}")
     cfg = load_config(config, data=given.get("data"), model=given.get("model"), pretrained=given.get("pretrained"))
     return apply_overrides(cfg, [o for o in overrides if not o.startswith("pretrained=")])
 
