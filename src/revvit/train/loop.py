@@ -419,7 +419,7 @@ def format_summary(s: dict) -> str:
     top5 = f", top-5 {s['val_top5']:.2f}%" if s.get("val_top5") is not None else ""
     return (f"\ndone: {s['model']} ({s['params'] / 1e6:.2f}M params, {s['backprop']} backprop), {s['epochs']} epochs / "
             f"{s['steps']} steps in {s['wall_time_s']:.1f}s\n"
-            f"  test top-1 {s['val_top1']:.2f}%{top5} (best {s['best_top1']:.2f}%)\n"
+            f"  val top-1 {s['val_top1']:.2f}%{top5} (best {s['best_top1']:.2f}%)\n"
             f"  outputs in {s['output']}: model.safetensors, checkpoints, metrics.json/.csv, curves.png, tensorboard/")
 
 

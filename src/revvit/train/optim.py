@@ -1,6 +1,8 @@
 """AdamW with the recipes' weight-decay exemptions, and the per-step warmup + cosine schedule (timm's)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -27,6 +29,23 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_pe
     total = cfg.epochs * steps_per_epoch
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
     # never above the peak: a recipe whose warmup_lr or min_lr exceeds it keeps the peak instead
-    return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min(cfg.min_lr, peak),
-                             warmup_t=warmup, warmup_lr_init=min(cfg.warmup_lr, peak), warmup_prefix=True,
-                             t_in_epochs=False)
+    quiet = _Without("Cosine annealing scheduler will have no effect")  # a one-step cosine is what a tiny run asks
+    logger = logging.getLogger(CosineLRScheduler.__module__)
+    logger.addFilter(quiet)
+    try:
+        return CosineLRScheduler(optimizer, t_initial=max(1, total - warmup), lr_min=min(cfg.min_lr, peak),
+                                 warmup_t=warmup, warmup_lr_init=min(cfg.warmup_lr, peak), warmup_prefix=True,
+                                 t_in_epochs=False)
+    finally:
+        logger.removeFilter(quiet)
+
+
+class _Without(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)

@@ -139,7 +139,8 @@ def describe_run(cfg: TrainConfig, data, n_params: int, device: str, world_size:
         f"input   {cfg.img_size}x{cfg.img_size}{frames}; augmentation "
         + (f"{cfg.auto_augment or 'crop/flip/jitter'}, mixup {cfg.mixup}, cutmix {cfg.cutmix}" if cfg.train_aug
            else "off"),
-        f"optim   {cfg.epochs} epochs, global batch {cfg.batch_size}, lr {cfg.effective_lr:.3g} "
+        f"optim   {cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}, global batch {cfg.batch_size}, "
+        f"lr {cfg.effective_lr:.3g} "
         f"(= {cfg.lr:g} x {cfg.batch_size}/512), warmup {cfg.warmup_epochs:g} epoch(s), wd {cfg.weight_decay}{decay}",
         f"machine {device} x {world_size}, {cfg.threads or torch.get_num_threads()} thread(s), "
         f"{cfg.num_workers} worker(s)",
