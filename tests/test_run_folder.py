@@ -162,6 +162,7 @@ def test_a_failed_start_in_an_existing_folder_removes_only_what_it_created(tmp_p
     ("eps=0", "eps"), ("eps=-1", "eps"), ("lr=inf", "lr must be a finite number"),
     ("min_lr=nan", "min_lr must be a finite number"), ("betas=[0.9, .nan]", "betas"), ("betas=[0.9, x]", "betas"),
     ("seed=-1", "seed must be in"), ("model_kwargs.num_classes=3", "the data has 10 classes"),
+    ("data=", "data must name a data set"),
 ])
 def test_a_setting_that_cannot_train_is_one_line_and_leaves_no_folder(setting, message, tmp_path, capsys):
     out = tmp_path / "run"

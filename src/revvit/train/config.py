@@ -97,6 +97,8 @@ class TrainConfig(DataOptions):
             value = getattr(self, name)
             if float in (tp, *typing.get_args(tp)) and value is not None:
                 need(math.isfinite(value), f"{name} must be a finite number, got {value}")
+        need(isinstance(self.data, str) and self.data.strip() != "",
+             f"data must name a data set (digits, digits-video, or a folder), got {self.data!r}")
         need(self.backprop in ("reversible", "parallel", "autograd"),
              f"backprop must be 'reversible', 'parallel' or 'autograd', got {self.backprop!r}")
         need(self.parallel in ("ddp", "fsdp"), f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
