@@ -162,16 +162,20 @@ def _timed_steps(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 
 
 def budget_table(methods: Sequence[Method], sample_shape: Sequence[int], budget: int, device: torch.device,
-                 depth: int = 0, steps: int = 5, warmup: int = 2) -> list[BudgetRow]:
+                 depth: int = 0, steps: int = 5, warmup: int = 2,
+                 log: Callable[[str], None] = lambda msg: None) -> list[BudgetRow]:
     """Per method: the largest batch within `budget` and its images/s (median of `steps` timed steps,
-    after `warmup`, methods interleaved)."""
+    after `warmup`, methods interleaved). `log` is told each method's batch as it is found."""
     found = []
     for m in methods:
+        t0 = time.perf_counter()
         model = m.build().to(device)
         batch, peak = max_batch(model, sample_shape, budget, device)
         found.append((m, batch, peak))
+        log(f"  {m.label}: batch {batch} ({peak / 2**20:.1f} MiB at its peak; {time.perf_counter() - t0:.0f} s)")
         del model
         _release(device)
+    log(f"  timing {warmup} + {steps} steps of each at its batch ...")
     try:
         times = _time_methods(found, sample_shape, device, steps, warmup, together=True)
     except torch.cuda.OutOfMemoryError:  # each batch was sized to run alone: time them one at a time
@@ -220,9 +224,10 @@ def budget_sweep(family: str, size: str, depths: Sequence[int], img_size: int, b
     """`revvit bench --budget`: the depth sweep of `family` ("vit" at `size`, or "mvit") at `img_size`."""
     rows = []
     for depth in depths:
-        log(f"depth {depth}: searching the largest batch of each method within {budget / 2**30:.2f} GiB ...")
+        log(f"depth {depth}: searching the largest batch of each method within {budget / 2**20:,.0f} MiB "
+            "(every probe is a measured training step) ...")
         methods = vit_methods(size, depth, img_size) if family == "vit" else mvit_methods(depth, img_size)
-        rows += budget_table(methods, (3, img_size, img_size), budget, device, depth=depth, steps=steps)
+        rows += budget_table(methods, (3, img_size, img_size), budget, device, depth=depth, steps=steps, log=log)
     return rows
 
 
