@@ -58,13 +58,25 @@ def official_state_dict(model, fused_qkv: bool = False) -> dict[str, Tensor]:
     return out
 
 
+def _crop_size(img_size) -> int:
+    """The official crop size (one int: SlowFast crops are square) of a model's img_size, an int or an (H, W)
+    pair (timm passes its pretrained cfg's (224, 224) to a model created without img_size=...)."""
+    if isinstance(img_size, int):
+        return img_size
+    h, w = img_size
+    if h != w:
+        raise ValueError(f"an official config holds one square crop size; the model has img_size={img_size}")
+    return int(h)
+
+
 def official_cfg(model, fused_qkv: bool = False, **extra: Any) -> dict:
     """The SlowFast config (as a nested dict of official keys) of `model`'s architecture."""
     c = model.cfg
+    crop = _crop_size(c.img_size)
     cfg: dict[str, Any] = {
         "MODEL": {"MODEL_NAME": "MViT", "ARCH": "mvit", "NUM_CLASSES": model.num_classes,
                   "DROPOUT_RATE": c.drop_rate, "LOSS_FUNC": "soft_cross_entropy"},
-        "DATA": {"TRAIN_CROP_SIZE": c.img_size, "TEST_CROP_SIZE": c.img_size, "INPUT_CHANNEL_NUM": [c.in_chans]},
+        "DATA": {"TRAIN_CROP_SIZE": crop, "TEST_CROP_SIZE": crop, "INPUT_CHANNEL_NUM": [c.in_chans]},
         "MVIT": {"MODE": "conv", "CLS_EMBED_ON": False, "EMBED_DIM": c.embed_dim, "NUM_HEADS": c.num_heads,
                  "MLP_RATIO": c.mlp_ratio, "QKV_BIAS": c.qkv_bias, "DROPPATH_RATE": c.drop_path_rate,
                  "DEPTH": c.depth, "NORM": "layernorm", "ZERO_DECAY_POS_CLS": False,

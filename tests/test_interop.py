@@ -1,6 +1,7 @@
 """Official SlowFast checkpoints and safetensors: exact loading, the official math, safe and atomic files."""
 import builtins
 import os
+import re
 import sys
 import types
 
@@ -486,3 +487,91 @@ def test_class_token_of_a_config_with_cls_embed_on_is_dropped_with_a_note(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=0)
 
+
+
+# -- the timm name recorded for a model --------------------------------------------------------------
+
+def _zero_weights(name, **kw):
+    """Registered model `name` with zero weights, made without the cost of its init (the name's layout is all
+    a naming test needs)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, **kw)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            t.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["rev_vit_small_patch16_224", "rev_vit_base_patch16_224"])
+def test_official_rev_vit_is_named_after_the_registered_size_it_has(tmp_path, name):
+    path = write_pyth(tmp_path / "official.pyth", _zero_weights(name))
+    assert revvit.interop.model_spec(revvit.load_slowfast(path))[0] == name  # what `revvit convert` prints
+
+
+def test_converted_official_rev_vit_s_records_and_reloads_as_rev_vit_s(tmp_path):
+    name = "rev_vit_small_patch16_224"
+    path = write_pyth(tmp_path / "REV_VIT_S.pyth", _zero_weights(name))
+    convert(path, tmp_path / "converted.safetensors")
+    assert read_metadata(tmp_path / "converted.safetensors")["model"] == name
+    assert revvit.load(tmp_path / "converted.safetensors").pretrained_cfg["architecture"] == name
+
+
+def test_official_rev_mvit_is_named_after_the_registered_layout_it_has(tmp_path):
+    for name in ("rev_mvit_tiny", "rev_mvit_tiny_video"):
+        path = write_pyth(tmp_path / f"{name}.pyth", _zero_weights(name))
+        assert revvit.interop.model_spec(revvit.load_slowfast(path))[0] == name
+
+
+def test_run_options_do_not_change_the_variant_name():
+    torch.manual_seed(0)
+    model = RevViT(embed_dim=192, depth=12, num_heads=3, img_size=32, in_chans=1, num_classes=5,
+                   drop_path_rate=0.3, global_pool="")
+    assert revvit.interop.model_spec(model)[0] == "rev_vit_tiny_patch16_224"
+
+
+def test_rev_vit_of_no_registered_size_is_rebuilt_from_its_kwargs(tmp_path):
+    source = rev_vit()  # D 32, 3 blocks, 2 heads: no registered variant
+    revvit.save(source, tmp_path / "m.safetensors")
+    meta = read_metadata(tmp_path / "m.safetensors")
+    assert meta["model_kwargs"]["embed_dim"] == 32 and meta["model_kwargs"]["depth"] == 3
+    assert _same_outputs(source, revvit.load(tmp_path / "m.safetensors"), IMAGE)
+
+
+def test_a_model_built_by_name_keeps_that_name():
+    model = timm.create_model("rev_vit_small_patch16_224", embed_dim=32, depth=2, num_heads=2)
+    assert revvit.interop.model_spec(model)[0] == "rev_vit_small_patch16_224"  # timm's way: name plus kwargs
+
+
+# -- the crop size of an official config ------------------------------------------------------------
+
+def test_write_pyth_records_one_crop_size_for_a_model_built_with_a_pair(tmp_path):
+    source = _zero_weights("rev_vit_tiny_patch16_224", embed_dim=32, depth=1, num_heads=2)
+    assert source.cfg.img_size == (224, 224)  # timm passes its pretrained cfg's input size
+    cfg = parse_cfg(torch.load(write_pyth(tmp_path / "m.pyth", source), weights_only=False)["cfg"])
+    assert cfg["DATA"]["TRAIN_CROP_SIZE"] == 224 and cfg["DATA"]["TEST_CROP_SIZE"] == 224
+
+
+def test_square_crop_size_given_as_a_list_is_read_as_its_side(tmp_path):
+    source, _, path, shape = _write(tmp_path, "rev_vit", **{"DATA.TRAIN_CROP_SIZE": [32, 32],
+                                                            "DATA.TEST_CROP_SIZE": [32, 32]})
+    model, info = revvit.interop.load_slowfast_with_info(path)
+    assert model.cfg.img_size == 32 and _same_outputs(source, model, shape)
+    assert not any("TEST_CROP_SIZE" in note for note in info["notes"])  # [32, 32] is the same crop as 32
+
+
+@pytest.mark.parametrize("crop", [[32, 16], [32], [32, 32, 32], "large", 0, True])
+def test_crop_size_that_is_not_one_square_side_is_refused_naming_the_key(tmp_path, crop):
+    _, _, path, _ = _write(tmp_path, "rev_vit", **{"DATA.TRAIN_CROP_SIZE": crop})
+    with pytest.raises(CheckpointError, match=r"DATA\.TRAIN_CROP_SIZE must be an integer >= 1 or a square \[n, n\], "
+                                              rf"got {re.escape(repr(crop))}"):
+        convert(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("key,value", [("MVIT.EMBED_DIM", [96]), ("MVIT.DEPTH", 0), ("DATA.NUM_FRAMES", "one"),
+                                       ("MVIT.MLP_RATIO", [4.0])])
+def test_official_size_of_the_wrong_kind_is_refused_naming_the_key(tmp_path, key, value):
+    _, _, path, _ = _write(tmp_path, "rev_vit", **{key: value})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(key)} must be"):
+        revvit.load_slowfast(path)

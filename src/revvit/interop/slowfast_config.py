@@ -164,6 +164,31 @@ def _seq(value: Any, name: str) -> list:
     raise UnsupportedConfig(f"{name} must be a list, got {value!r}")
 
 
+def _int(value: Any, name: str, minimum: int = 1) -> int:
+    """An integer config value (an integral float as YAML may write it passes); UnsupportedConfig otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UnsupportedConfig(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UnsupportedConfig(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _crop_size(value: Any, name: str) -> int:
+    """A crop side: an integer, or a square [n, n] as some configs write it; UnsupportedConfig otherwise
+    (the official MViT takes square crops only)."""
+    side = value[0] if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1] else value
+    try:
+        return _int(side, name)
+    except UnsupportedConfig:
+        raise UnsupportedConfig(f"{name} must be an integer >= 1 or a square [n, n], got {value!r}") from None
+
+
 def _check_supported(c: Mapping) -> list[str]:
     """Refuse (listing every offending key) configs whose math revvit does not implement."""
     m, rev = c["MVIT"], c["MVIT"]["REV"]
@@ -235,20 +260,25 @@ def read_arch(cfg: Mapping) -> ArchSpec:
     if m["CLS_EMBED_ON"]:
         notes.append("MVIT.CLS_EMBED_ON=True is ignored: the official reversible model rejects a class token "
                      "and was trained without one (cls_token / pos_embed_class weights, if any, are skipped)")
-    if float(m["DROPOUT_RATE"]) > 0:
+    if _number(m["DROPOUT_RATE"], "MVIT.DROPOUT_RATE") > 0:
         notes.append(f"MVIT.DROPOUT_RATE={m['DROPOUT_RATE']} (training-time dropout in the official backbone) "
                      "is not reproduced; evaluation is unaffected")
-    if int(data.get("TEST_CROP_SIZE", data["TRAIN_CROP_SIZE"])) != int(data["TRAIN_CROP_SIZE"]):
+    crop = _crop_size(data["TRAIN_CROP_SIZE"], "DATA.TRAIN_CROP_SIZE")
+    try:
+        test_crop: Optional[int] = _crop_size(data.get("TEST_CROP_SIZE", crop), "DATA.TEST_CROP_SIZE")
+    except UnsupportedConfig:
+        test_crop = None  # only a note's subject: the model is built for the training crop
+    if test_crop != crop:
         notes.append(f"DATA.TEST_CROP_SIZE={data['TEST_CROP_SIZE']} differs from DATA.TRAIN_CROP_SIZE="
                      f"{data['TRAIN_CROP_SIZE']}; the model is built for the training crop, as the official MViT")
-    buffers = sorted(int(i) for i in _seq(rev["BUFFER_LAYERS"], "MVIT.REV.BUFFER_LAYERS"))
-    in_chans = int(_seq(data["INPUT_CHANNEL_NUM"], "DATA.INPUT_CHANNEL_NUM")[0])
-    crop = int(data["TRAIN_CROP_SIZE"])
-    frames = int(data["NUM_FRAMES"])
+    buffers = sorted(_int(i, "MVIT.REV.BUFFER_LAYERS entries", 0) for i in _seq(rev["BUFFER_LAYERS"],
+                                                                                "MVIT.REV.BUFFER_LAYERS"))
+    channels = _seq(data["INPUT_CHANNEL_NUM"], "DATA.INPUT_CHANNEL_NUM")
+    in_chans = _int(channels[0] if channels else None, "DATA.INPUT_CHANNEL_NUM[0]")
+    frames = _int(data["NUM_FRAMES"], "DATA.NUM_FRAMES")
     patch_2d = bool(m["PATCH_2D"])
-    kernel = [int(v) for v in m["PATCH_KERNEL"]]
-    stride = [int(v) for v in m["PATCH_STRIDE"]]
-    padding = [int(v) for v in m["PATCH_PADDING"]]
+    kernel, stride, padding = ([_int(v, f"MVIT.{key} entries", minimum) for v in _seq(m[key], f"MVIT.{key}")]
+                               for key, minimum in (("PATCH_KERNEL", 1), ("PATCH_STRIDE", 1), ("PATCH_PADDING", 0)))
     n = 2 if patch_2d else 3
     if not (len(kernel) == len(stride) == len(padding) == n):
         raise UnsupportedConfig(f"MVIT.PATCH_KERNEL/STRIDE/PADDING {kernel}/{stride}/{padding} must have {n} "
@@ -264,25 +294,32 @@ def read_arch(cfg: Mapping) -> ArchSpec:
         fusion = "avg"  # no transition: the fusion is never used (Rev-ViT configs say "concat")
 
     def pairs(key: str) -> tuple:
-        return tuple(tuple(entry) for entry in _seq(m[key], f"MVIT.{key}"))
+        return tuple(tuple(e) if isinstance(e, (list, tuple)) else e for e in _seq(m[key], f"MVIT.{key}"))
 
     def opt(key: str) -> Optional[tuple]:
-        return None if m[key] is None else tuple(int(v) for v in m[key])
+        return None if m[key] is None else tuple(_int(v, f"MVIT.{key} entries") for v in _seq(m[key], f"MVIT.{key}"))
 
     kwargs = dict(
         img_size=crop, num_frames=frames, patch_2d=patch_2d, patch_kernel=tuple(kernel),
-        patch_stride=tuple(stride), patch_padding=tuple(padding), embed_dim=int(m["EMBED_DIM"]),
-        depth=int(m["DEPTH"]), num_heads=int(m["NUM_HEADS"]), dim_mul=pairs("DIM_MUL"), head_mul=pairs("HEAD_MUL"),
+        patch_stride=tuple(stride), patch_padding=tuple(padding), embed_dim=_int(m["EMBED_DIM"], "MVIT.EMBED_DIM"),
+        depth=_int(m["DEPTH"], "MVIT.DEPTH"), num_heads=_int(m["NUM_HEADS"], "MVIT.NUM_HEADS"),
+        dim_mul=pairs("DIM_MUL"), head_mul=pairs("HEAD_MUL"),
         pool_q_stride=pairs("POOL_Q_STRIDE"), pool_kvq_kernel=opt("POOL_KVQ_KERNEL"),
         pool_kv_stride=pairs("POOL_KV_STRIDE"), pool_kv_stride_adaptive=opt("POOL_KV_STRIDE_ADAPTIVE"),
         separate_qkv=bool(m["SEPARATE_QKV"]), sep_pos_embed=bool(m["SEP_POS_EMBED"]),
-        transition_layers=tuple(buffers), pre_q_fusion=fusion, num_classes=int(model["NUM_CLASSES"]),
-        in_chans=in_chans, mlp_ratio=float(m["MLP_RATIO"]), qkv_bias=bool(m["QKV_BIAS"]),
-        drop_rate=float(model["DROPOUT_RATE"]), drop_path_rate=float(m["DROPPATH_RATE"]))
+        transition_layers=tuple(buffers), pre_q_fusion=fusion,
+        num_classes=_int(model["NUM_CLASSES"], "MODEL.NUM_CLASSES", 0), in_chans=in_chans,
+        mlp_ratio=_number(m["MLP_RATIO"], "MVIT.MLP_RATIO"), qkv_bias=bool(m["QKV_BIAS"]),
+        drop_rate=_number(model["DROPOUT_RATE"], "MODEL.DROPOUT_RATE"),
+        drop_path_rate=_number(m["DROPPATH_RATE"], "MVIT.DROPPATH_RATE"))
+    try:
+        mvit_cfg = MViTConfig(**kwargs)
+    except ValueError as e:
+        raise UnsupportedConfig(f"the config gives an invalid model option: {e}") from None
     # The model's own layout decides widths, heads and pooling, and refuses a reversible block that changes
     # shape (the official code would fail on it too).
     try:
-        specs = layer_layout(MViTConfig(**kwargs), reversible=True)
+        specs = layer_layout(mvit_cfg, reversible=True)
     except ValueError as e:
         raise UnsupportedConfig(f"the official reversible model cannot run this config (MVIT.REV.BUFFER_LAYERS="
                                 f"{buffers} are its transition_layers): {e}") from None

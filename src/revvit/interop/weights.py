@@ -5,7 +5,8 @@
     revvit.interop.convert("REV_VIT_S.pyth", "rev_vit_s.safetensors")   # `revvit convert SRC DST`
 
 The file holds the model's own `state_dict()` under its own key names (so timm's loader takes it as is)
-and metadata: "format" ("revvit"), "model" (a registered timm name of the family), "model_kwargs" (the
+and metadata: "format" ("revvit"), "model" (a registered timm name: the one the model was built by, else
+the variant whose default architecture it has, else the family's base variant, `model_spec`), "model_kwargs" (the
 constructor kwargs: with the name, enough to rebuild the model), "revvit_version", for converted files
 "source" and "slowfast_cfg" (the merged official config), for trained ones "config" and "class_names".
 safetensors metadata values are strings: a string is stored as it is, any other value as JSON, and the
@@ -27,6 +28,7 @@ the destination only once complete: a failure never leaves a partial or damaged 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping, Optional
@@ -54,15 +56,57 @@ _ALWAYS_JSON = ("model_kwargs", "slowfast_cfg", "config", "class_names")
 
 # -- what identifies a model ----------------------------------------------------------------------
 
+# Options a run chooses (input geometry, classes, regularisation, pooling), which do not make another variant:
+# Rev-ViT-S at 384 px with 10 classes is still rev_vit_small_patch16_224. stage_depths is shorthand for the
+# depth and per-layer options compared anyway.
+_RUN_OPTIONS = frozenset({"img_size", "in_chans", "num_classes", "drop_rate", "drop_path_rate", "global_pool",
+                          "dynamic_img_size", "stage_depths"})
+
+
+def _architecture(model: nn.Module) -> dict:
+    """What makes `model` the variant it is: its config less the run options, the transitions as built."""
+    arch = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k not in _RUN_OPTIONS}
+    if isinstance(arch.get("patch_size"), int):
+        arch["patch_size"] = (arch["patch_size"],) * 2
+    if "transition_layers" in arch:  # None (derived) and the explicit list it derives are the same layout
+        arch["transition_layers"] = tuple(s.index for s in model.specs if s.transition)
+    return arch
+
+
+@functools.lru_cache(maxsize=None)
+def _variant(name: str) -> tuple[type, dict]:
+    """The class and `_architecture` of registered model `name` at its defaults (built on the meta device:
+    no memory, but a fraction of a second of init, hence the cache)."""
+    with torch.device("meta"):
+        model = timm.create_model(name)
+    return type(model), _architecture(model)
+
+
+def _matching_variant(model: nn.Module) -> Optional[str]:
+    """The registered model of `model`'s class whose default architecture is `model`'s, if any."""
+    arch = _architecture(model)
+    for name in sorted(timm.list_models()):
+        if timm.models.model_entrypoint(name).__module__ != type(model).__module__:
+            continue
+        cls, variant = _variant(name)
+        if cls is type(model) and variant == arch:
+            return name
+    return None
+
+
 def _default_name(model: nn.Module) -> str:
+    """The timm name recorded for `model` when it was not built by name: the registered variant whose defaults
+    are its architecture, else the family's base variant of the same input kind (image or video, whose
+    pretrained cfg gives the normalisation); the kwargs, which hold the whole architecture, rebuild it."""
+    if not isinstance(model, (RevViT, RevMViT, MViT)):
+        raise TypeError(f"revvit.save takes revvit models (RevViT, RevMViT, MViT), got {type(model).__name__}")
+    name = _matching_variant(model)
+    if name is not None:
+        return name
     if isinstance(model, RevViT):
         return "rev_vit_base_patch16_224"
-    video = not getattr(getattr(model, "cfg", None), "patch_2d", True)
-    if isinstance(model, RevMViT):
-        return "rev_mvit_base_16x4" if video else "rev_mvit_base"
-    if isinstance(model, MViT):
-        return "mvit_base_16x4" if video else "mvit_base"
-    raise TypeError(f"revvit.save takes revvit models (RevViT, RevMViT, MViT), got {type(model).__name__}")
+    video = "_16x4" if not model.cfg.patch_2d else ""
+    return ("rev_mvit_base" if isinstance(model, RevMViT) else "mvit_base") + video
 
 
 def _tuplify(value: Any) -> Any:

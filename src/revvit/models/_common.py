@@ -1,4 +1,4 @@
-"""What the model families share: option checking, the pretrained cfg, the official init, and the
+"""What the model families share: option checking (names and values), the pretrained cfg, the official init, and the
 renaming of official SlowFast checkpoint keys that every family's `checkpoint_filter_fn` builds on.
 
 Official keys (REFERENCE.md section 4) differ from revvit's in a few fixed places: the reversible
@@ -8,14 +8,17 @@ the stem, position embeddings and final norm keep their names.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import fields
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
-__all__ = ["known_options", "pretrained_cfg", "init_weights_official", "is_official_state_dict",
+__all__ = ["known_options", "check_int", "check_ints", "check_size", "check_flag", "check_number",
+           "check_common_options", "pretrained_cfg", "init_weights_official", "is_official_state_dict",
            "rename_official_keys", "filter_official"]
 
 
@@ -26,6 +29,73 @@ def known_options(config_cls, kwargs: dict) -> dict:
     if unknown:
         raise TypeError(f"{config_cls.__name__} got unknown option(s) {unknown}; known: {sorted(names)}")
     return kwargs
+
+
+# -- option values: a ValueError "<option> must be <what is allowed>, got <value>" ------------------
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # True is no size
+
+
+def check_int(name: str, value: Any, minimum: int = 1) -> int:
+    """`value` as an int, or a ValueError unless it is an integer >= minimum (not a bool, not a float)."""
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_ints(name: str, value: Any, lengths: Sequence[int], minimum: int = 1) -> tuple[int, ...]:
+    """`value` as a tuple of ints, or a ValueError unless it is a list/tuple of `lengths` integers >= minimum."""
+    if not (isinstance(value, (list, tuple)) and len(value) in lengths and all(_is_int(v) for v in value)
+            and min(value) >= minimum):
+        count = " or ".join(str(n) for n in lengths)
+        raise ValueError(f"{name} must be {count} integers >= {minimum}, got {value!r}")
+    return tuple(int(v) for v in value)
+
+
+def check_size(name: str, value: Any) -> int | tuple[int, int]:
+    """An image side: an integer >= 1, or an (H, W) pair of them (a list becomes a tuple)."""
+    if isinstance(value, (list, tuple)):
+        if not (len(value) == 2 and all(_is_int(v) and v >= 1 for v in value)):
+            raise ValueError(f"{name} must be an integer >= 1 or an (H, W) pair of them, got {value!r}")
+        return (int(value[0]), int(value[1]))
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1 or an (H, W) pair of them, got {value!r}")
+    return int(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """`value` as a bool, or a ValueError unless it is True or False (0 and 1 pass; a string does not)."""
+    if not (isinstance(value, bool) or (_is_int(value) and value in (0, 1))):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_number(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
+    """A ValueError unless `value` is a finite real number (not a bool) for which `ok` holds."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (real and math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_common_options(cfg: Any) -> None:
+    """Check (and normalise: ints, bools, an img_size list as a tuple) the options every family's config
+    has: img_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_rate,
+    drop_path_rate, global_pool, dynamic_img_size. Raises ValueError naming the option, value and range."""
+    cfg.img_size = check_size("img_size", cfg.img_size)
+    for name in ("in_chans", "embed_dim", "depth", "num_heads"):
+        setattr(cfg, name, check_int(name, getattr(cfg, name)))
+    cfg.num_classes = check_int("num_classes", cfg.num_classes, minimum=0)  # 0: no classifier (timm's way)
+    check_number("mlp_ratio", cfg.mlp_ratio, lambda r: r > 0, "a finite number > 0")
+    if int(cfg.embed_dim * cfg.mlp_ratio) < 1:
+        raise ValueError(f"mlp_ratio must leave the MLP a hidden unit (embed_dim * mlp_ratio >= 1), got "
+                         f"mlp_ratio={cfg.mlp_ratio!r} with embed_dim={cfg.embed_dim}")
+    for name in ("drop_rate", "drop_path_rate"):
+        check_number(name, getattr(cfg, name), lambda p: 0 <= p < 1, "a number in [0, 1)")
+    for name in ("qkv_bias", "dynamic_img_size"):
+        setattr(cfg, name, check_flag(name, getattr(cfg, name)))
+    if cfg.global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool must be 'avg' or '' (no pooling), got {cfg.global_pool!r}")
 
 
 def pretrained_cfg(**kwargs) -> dict:

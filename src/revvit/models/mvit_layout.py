@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..layers import Grid, patch_grid, pooled_grid
+from ._common import check_common_options, check_flag, check_int, check_ints, check_number
 
 __all__ = ["MViTConfig", "LayerSpec", "layer_layout", "input_grid", "round_width", "parse_fusion"]
 
@@ -30,6 +31,10 @@ class MViTConfig:
     with a layer that doubles width and heads and pools Q by (1, 2, 2) (a transition in Rev-MViT). When
     given it sets depth, dim_mul, head_mul and pool_q_stride (and transition_layers, unless given); an
     explicit value of those four that is neither its default nor what the stages imply is refused.
+
+    An invalid value is refused at construction (ValueError naming the option, the value and what is
+    allowed); the per-layer lists are kept as tuples. Whether the layers fit together (layer indices,
+    widths, transitions) is `layer_layout`'s check.
     """
     img_size: int = 224
     num_frames: int = 1
@@ -61,11 +66,36 @@ class MViTConfig:
     dynamic_img_size: bool = False  # any input size the strides divide: pos embeds resampled, grids follow
 
     def __post_init__(self):
-        if self.stage_depths is None:
-            return
-        depths = tuple(int(d) for d in self.stage_depths)
-        if not depths or min(depths) < 1:
-            raise ValueError(f"stage_depths must be positive layer counts, got {self.stage_depths}")
+        check_common_options(self)
+        self.num_frames = check_int("num_frames", self.num_frames)
+        for name in ("separate_qkv", "sep_pos_embed", "patch_2d"):
+            setattr(self, name, check_flag(name, getattr(self, name)))
+        n = 2 if self.patch_2d else 3
+        for name, minimum in (("patch_kernel", 1), ("patch_stride", 1), ("patch_padding", 0)):
+            value = getattr(self, name)
+            value = (value,) * n if isinstance(value, int) and not isinstance(value, bool) else value
+            try:
+                setattr(self, name, check_ints(name, value, (n,), minimum))
+            except ValueError as e:
+                raise ValueError(f"{e}; patch_2d={self.patch_2d} takes {'(h, w)' if n == 2 else '(t, h, w)'}") from None
+        for name in ("pool_kvq_kernel", "pool_kv_stride_adaptive"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_ints(f"{name} (t, h, w)", getattr(self, name), (3,)))
+        self.dim_mul, self.head_mul = _multipliers("dim_mul", self.dim_mul), _multipliers("head_mul", self.head_mul)
+        self.pool_q_stride = _strides("pool_q_stride", self.pool_q_stride)
+        self.pool_kv_stride = _strides("pool_kv_stride", self.pool_kv_stride)
+        if self.transition_layers is not None:
+            self.transition_layers = tuple(_layer_index("transition_layers", i) for i in _entries(
+                "transition_layers", self.transition_layers, "layer indices"))
+        parse_fusion(self.pre_q_fusion)
+        if self.stage_depths is not None:
+            self._apply_stage_depths()
+
+    def _apply_stage_depths(self) -> None:
+        what = "a non-empty list of layer counts >= 1"
+        depths = tuple(check_int("stage_depths entries", d) for d in _entries("stage_depths", self.stage_depths, what))
+        if not depths:
+            raise ValueError(f"stage_depths must be {what}, got {self.stage_depths!r}")
         starts = [sum(depths[:k]) for k in range(1, len(depths))]
         implied = dict(depth=sum(depths), dim_mul=tuple((i, 2.0) for i in starts),
                        head_mul=tuple((i, 2.0) for i in starts), pool_q_stride=tuple((i, 1, 2, 2) for i in starts))
@@ -80,6 +110,39 @@ class MViTConfig:
             setattr(self, name, value)
         if self.transition_layers is None:
             self.transition_layers = tuple(starts)
+
+
+def _entries(name: str, value, what: str) -> tuple:
+    """A list or tuple option as a tuple; a ValueError naming the option otherwise."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return tuple(value)
+
+
+def _layer_index(name: str, value) -> int:
+    return check_int(f"{name} layer index", value, minimum=0)
+
+
+def _multipliers(name: str, value) -> tuple:
+    """(layer, multiplier) entries: a layer index and a finite multiplier > 0."""
+    out = []
+    for entry in _entries(name, value, "a list of (layer, multiplier) entries"):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            raise ValueError(f"{name} entries must be (layer, multiplier), got {entry!r}")
+        check_number(f"the multiplier of {name} entry {tuple(entry)}", entry[1], lambda m: m > 0, "a number > 0")
+        out.append((_layer_index(name, entry[0]), entry[1]))
+    return tuple(out)
+
+
+def _strides(name: str, value) -> tuple:
+    """(layer, st, sh, sw) entries: a layer index and three strides >= 1."""
+    out = []
+    for entry in _entries(name, value, "a list of (layer, st, sh, sw) entries"):
+        if not (isinstance(entry, (list, tuple)) and len(entry) == 4):
+            raise ValueError(f"{name} entries must be (layer, st, sh, sw), got {entry!r}")
+        out.append((_layer_index(name, entry[0]),) + check_ints(f"the strides of {name} entry {tuple(entry)}",
+                                                                tuple(entry[1:]), (3,)))
+    return tuple(out)
 
 
 def _nested_tuple(value):

@@ -23,13 +23,23 @@ from torch import Tensor, nn
 
 from ..layers import AttentionBranch, MlpBranch, PatchEmbed, TokenClassifierMixin, norm_streams, resample_pos_embed
 from ..reversible import ReversibleBlock, ReversibleStack, join_streams, set_chunking
-from ._common import filter_official, init_weights_official, known_options, pretrained_cfg, rename_official_keys
+from ._common import (
+    check_common_options,
+    check_size,
+    filter_official,
+    init_weights_official,
+    known_options,
+    pretrained_cfg,
+    rename_official_keys,
+)
 
 __all__ = ["RevViTConfig", "RevViT", "official_to_revvit", "checkpoint_filter_fn"]
 
 
 @dataclass
 class RevViTConfig:
+    """The options of a Rev-ViT; an invalid value is refused at construction (ValueError naming it)."""
+
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
@@ -43,6 +53,13 @@ class RevViTConfig:
     drop_path_rate: float = 0.0  # linearly increasing over depth, one per-sample mask per block
     global_pool: str = "avg"
     dynamic_img_size: bool = False  # take any size patch_size divides; pos_embed resampled to its grid
+
+    def __post_init__(self):
+        check_common_options(self)
+        self.patch_size = check_size("patch_size", self.patch_size)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got embed_dim={self.embed_dim} and "
+                             f"num_heads={self.num_heads}")
 
 
 class RevViT(TokenClassifierMixin, nn.Module):
@@ -229,3 +246,4 @@ def rev_vit_large_patch16_224(pretrained: bool = False, **kwargs) -> RevViT:
     """Rev-ViT-L: D 1024, 24 blocks, 16 heads (305M params)."""
     args = dict(embed_dim=1024, depth=24, num_heads=16)
     return _create("rev_vit_large_patch16_224", pretrained, **{**args, **kwargs})
+
