@@ -159,7 +159,7 @@ def test_resume_reads_checkpoints_with_weights_only(digits, tmp_path, monkeypatc
     real = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw.get("weights_only")) or real(*a, **kw))
     assert main([*args, "--resume", "max_iters=3"]) == 0
-    assert calls == [True]
+    assert calls and all(calls)  # the run's config, then its state: never unpickling code
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -11,11 +11,15 @@ revvit.bench and revvit.interop. Nothing imports this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
+import os
+import re
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -76,6 +80,18 @@ def _worker_message(e: BaseException) -> str:
     return tail.strip().splitlines()[0] if tail.strip() else text.splitlines()[0]
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Warnings (also in DataLoader workers, which inherit this) as one plain line each, not in Python's format
+    (source path, line number, a line of code)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"revvit {command}: warning: {_one_line(str(message))}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """A subcommand's handler that prints an error as one line `revvit <cmd>: error: ...` (no traceback) and
     returns 1: the errors a user can fix (bad settings, data, files, a full disk) as their message, anything
@@ -88,7 +104,8 @@ def _command(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 
         command = " ".join(filter(None, [args.command, getattr(args, "detect_command", None)]))
         try:
-            return handler(args)
+            with _warnings_as_lines(command) if args.command == "detect" else contextlib.nullcontext():
+                return handler(args)
         except KeyboardInterrupt:
             print(f"revvit {command}: interrupted", file=sys.stderr)
             return 130
@@ -163,10 +180,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--checkpoint", required=True, help="a .pt checkpoint or model.safetensors from `revvit train`, "
                    "or any file revvit.load reads (official SlowFast .pyth)")
     e.add_argument("--data", required=True)
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--workers", type=int, default=2)
+    e.add_argument("--batch-size", type=_positive, default=64)
+    e.add_argument("--workers", type=_non_negative, default=2, help="DataLoader worker processes (0: none)")
     e.add_argument("--amp", choices=["bf16", "fp16"])
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--device", default="auto", type=_device, choices=["auto", "cpu", "cuda"])
     e.add_argument("--ignore-class-names", action="store_true",
                    help="evaluate even if the class names stored with the weights differ from the data's")
     e.set_defaults(func=_eval)
@@ -176,6 +193,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from .train import evaluate_checkpoint
 
+    _need_file(args.checkpoint)
     m = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.workers, args.device, args.amp,
                             ignore_class_names=args.ignore_class_names)
     line = f"{m['model']} on {args.data} ({m['count']} samples): top-1 {m['top1']:.2f}%"
@@ -196,14 +214,49 @@ def _depths(text: str) -> list[int]:
     return depths
 
 
-def _positive(text: str) -> int:
+def _at_least(least: int) -> Callable[[str], int]:
+    def whole(text: str) -> int:
+        if not re.fullmatch(r"[-+]?\d+", text.strip()) or int(text) < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return int(text)
+
+    return whole
+
+
+_positive, _non_negative = _at_least(1), _at_least(0)
+
+
+def _device(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N that this machine has: a missing GPU is refused before any work."""
+    from .bench.benchmark import usable_device
+
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+        usable_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _need_file(path: str) -> None:
+    """ValueError when --checkpoint `path` is a folder, naming a file in it to give instead."""
+    if Path(path).is_dir():
+        found = [p for pattern in ("model.safetensors", "*.pt", "checkpoints/*.pt") for p in Path(path).glob(pattern)]
+        hint = f"e.g. --checkpoint {found[0]}" if found else "a .pt checkpoint or the model.safetensors of revvit train"
+        raise ValueError(f"--checkpoint {path} is a folder: give a file in it, {hint}")
+
+
+def _writable_file(flag: str, path: Optional[str]) -> Optional[str]:
+    """Why results cannot be written to the file `path` (found before anything is measured); None: they can."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        return f"{flag} {path} is a folder: give a file path, e.g. {target / 'results.json'}"
+    if not target.parent.is_dir():
+        return f"{flag} {path}: no folder {target.parent} (missing, or a file): create it, or choose another path"
+    if not os.access(target.parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        return f"{flag} {path} is not writable (permission denied): choose a location you can write"
+    return None
 
 
 def _budget(text: str) -> int:
@@ -230,7 +283,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--img-size", type=_positive, default=None, help="default: 224 (112 for mvit-video)")
     b.add_argument("--num-frames", type=_positive, default=8, help="clip length for mvit-video (default: 8)")
     b.add_argument("--steps", type=_positive, default=3, help="timed steps per candidate (median)")
-    b.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    b.add_argument("--device", default=None, type=_device,
+                   help="cpu, cuda or cuda:N (default: auto, cuda if available, else cpu)")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
     b.add_argument("--budget", type=_budget, default=None,
                    help="e.g. 16GB: instead of the fixed-batch table, the largest batch that fits this much memory "
@@ -251,6 +305,7 @@ def _bench(args: argparse.Namespace) -> int:
     if refused:
         print(f"revvit bench: error: {refused}", file=sys.stderr)
         return 2
+    args.device = None if args.device == "auto" else args.device
     if args.family == "detection":  # Mask R-CNN memory: see the detect section
         return _bench_detection(args)
     if args.budget is not None:
@@ -268,7 +323,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _bench_refusal(args: argparse.Namespace) -> Optional[str]:
-    """Why these bench options do not go together (None: they do)."""
+    """Why these bench options do not go together, or where the results could not be written (None: fine)."""
     if args.plot and args.budget is None:
         return "--plot draws the --budget depth sweep: give --budget too (e.g. --budget 16GB)"
     if args.family == "detection":
@@ -282,7 +337,7 @@ def _bench_refusal(args: argparse.Namespace) -> Optional[str]:
         return f"--budget compares image models: use --family vit or mvit, not {args.family}"
     if args.depths is not None and not (args.family == "vit" or (args.family == "mvit" and args.budget is not None)):
         return f"--depths applies to --family vit (and mvit with --budget), not {args.family}"
-    return None
+    return _writable_file("--json", args.json) or _writable_file("--plot", args.plot)
 
 
 def _bench_budget(args: argparse.Namespace) -> int:
@@ -334,85 +389,60 @@ Without --data: builds the digits COCO set under OUT/digits_coco and trains a ti
 (a few minutes on 2 CPU cores), then prints COCO box and mask AP. Any DetectionConfig field can be set as
 key=value after the options (YAML-typed; backbone_kwargs.NAME=VALUE sets one backbone option); flags win
 over key=value, which wins over --config (configs/detection/*.yaml), which wins over the defaults.
---batch-size is the global batch (all torchrun processes together). --resume continues exactly from the
-newest good checkpoint in --output (another data set, batch or detector is refused); an --output that holds
-checkpoints is refused without --resume.
+--batch-size is the global batch (all torchrun processes together); max_iters=N sets the run's length in
+iterations instead of --epochs. Settings are checked before anything is written; a start that fails before its
+first checkpoint removes what it created. --resume continues exactly from the newest good checkpoint in --output
+with the run's own settings: give only what changes (--epochs 12 extends the run); another data set, batch or
+detector is refused. Without --resume, an --output holding checkpoints or a model.safetensors is refused.
 """
-
-
-class _IntermixedParser(argparse.ArgumentParser):
-    """Takes key=value positionals anywhere among the options (argparse's intermixed parsing)."""
-
-    _inside = False
-
-    def parse_known_args(self, args=None, namespace=None):
-        if self._inside:  # parse_known_intermixed_args calls back in here
-            return super().parse_known_args(args, namespace)
-        self._inside = True
-        try:
-            return self.parse_known_intermixed_args(args, namespace)
-        finally:
-            self._inside = False
 
 
 def _add_detect(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("detect", help="Mask R-CNN on Rev-MViT / MViT / Rev-ViT backbones: COCO in, COCO AP out")
-    dsub = d.add_subparsers(dest="detect_command", required=True, parser_class=_IntermixedParser)
+    dsub = d.add_subparsers(dest="detect_command", required=True)
     t = dsub.add_parser("train", help="train a detector (no --data: the digits COCO demo)", epilog=DETECT_EPILOG,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--backbone", help="revvit timm model, e.g. rev_mvit_base, mvit_base, rev_vit_base_patch16_224")
     t.add_argument("--data", help="COCO 2017 layout: DIR/{train,val}2017/, DIR/annotations/instances_*2017.json")
     t.add_argument("--output", required=True, help="run directory")
     t.add_argument("--config", help="YAML recipe, e.g. configs/detection/rev_mvit_b_mask_rcnn.yaml")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int, help="global batch size")
-    t.add_argument("--img-size", type=int, help="training and evaluation resolution (longer image side)")
+    t.add_argument("--epochs", type=_positive)
+    t.add_argument("--batch-size", type=_positive, help="global batch size")
+    t.add_argument("--img-size", type=_positive, help="training and evaluation resolution (longer image side)")
     t.add_argument("--pretrained", help="classification checkpoint for the backbone (.pyth or revvit .safetensors)")
     t.add_argument("--amp", choices=["bf16", "fp16"], help="mixed precision via torch.autocast")
-    t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output")
+    t.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --output, "
+                   "with the run's own settings (give only what changes)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="override any DetectionConfig field")
     t.set_defaults(func=_detect_train)
     e = dsub.add_parser("eval", help="COCO bbox/segm AP of a detector on DIR's val2017")
     e.add_argument("--checkpoint", required=True, help="model.safetensors (or a checkpoint .pt) of detect train")
     e.add_argument("--data", required=True, help="COCO 2017 layout (val2017 and its annotation file are used)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=_positive, default=8)
     e.add_argument("--amp", choices=["bf16", "fp16"])
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    e.add_argument("--device", default="auto", type=_device, choices=["auto", "cpu", "cuda"])
     e.set_defaults(func=_detect_eval)
 
 
 @_command
 def _detect_train(args: argparse.Namespace) -> int:
-    from .detection.config import apply_detection_overrides, load_detection_config
-    from .detection.train import train_detector
+    from .detection.config import detection_config
+    from .detection.train import run_config, train_detector
 
-    cfg = apply_detection_overrides(load_detection_config(args.config), args.overrides)
     flags = {"backbone": args.backbone, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
-             "pretrained": args.pretrained, "amp": args.amp}
-    for key, value in flags.items():
-        if value is not None:
-            setattr(cfg, key, value)
-    if args.img_size is not None:
-        cfg.set_img_size(args.img_size)
-    train_detector(cfg, Path(args.output), resume=args.resume, log=lambda msg: print(msg, flush=True))
+             "pretrained": args.pretrained, "amp": args.amp, "img_size": args.img_size}
+    base = run_config(args.output) if args.resume else None  # the run's own settings; what is given changes them
+    cfg = detection_config(args.config, args.overrides, flags, base)
+    train_detector(cfg, args.output, resume=args.resume, log=lambda msg: print(msg, flush=True))
     return 0
 
 
 @_command
 def _detect_eval(args: argparse.Namespace) -> int:
-    import torch
+    from .detection.train import evaluate_checkpoint
 
-    from .detection import CocoDetection, DetectionDataError, detector_from_checkpoint
-    from .detection.train import evaluate_detector
-
-    det, meta = detector_from_checkpoint(args.checkpoint)
-    dataset = CocoDetection(args.data, "val")
-    trained = meta.get("detector", {}).get("num_classes")
-    if trained != dataset.categories.num_classes:
-        raise DetectionDataError(f"{args.checkpoint} detects {trained - 1 if trained else '?'} classes but "
-                                f"{args.data} has {dataset.categories.num_classes - 1}: evaluate on its own categories")
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    result = evaluate_detector(det.to(device), dataset, args.batch_size, device, args.amp)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.batch_size, args.device, args.amp,
+                                 log=lambda msg: print(msg, flush=True))
     print(result.summary)
     print(result.ap_line())
     return 0
@@ -453,9 +483,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    # key=value overrides may stand anywhere after `train`; argparse alone would only take them before the flags
+    # key=value overrides may stand anywhere after `train` (and `detect train`); argparse alone would only take
+    # them before the flags
     args, extra = parser.parse_known_args(argv)
-    if args.command == "train":
+    if hasattr(args, "overrides"):
         args.overrides += [e for e in extra if "=" in e and not e.startswith("-")]
         extra = [e for e in extra if e not in args.overrides]
     if extra:

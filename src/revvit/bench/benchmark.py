@@ -6,6 +6,7 @@ timed round-robin so that machine drift hits them alike.
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from torch import nn
 from ..reversible import compile_blocks
 from .memory import measure_training_memory, training_step
 
-__all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "run_benchmark"]
+__all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates", "format_table", "run_benchmark",
+           "usable_device"]
 
 
 @dataclass
@@ -33,6 +35,22 @@ class Result:
     setting: str  # what the candidates of one comparison share, e.g. "depth 12"
     mb_per_sample: float
     step_seconds: float
+
+
+def usable_device(name: Optional[str]) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:N"; None or "auto": cuda when available, else cpu) as a device this machine
+    has; ValueError saying what to give instead (torch's own errors name no option and no remedy)."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N (e.g. cuda:1), got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no usable CUDA GPU (torch.cuda.is_available() is False); "
+                         "use cpu")
+    count = torch.cuda.device_count() if name.startswith("cuda:") else 0
+    if name.startswith("cuda:") and int(name[5:]) >= count:
+        raise ValueError(f"device {name!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    return torch.device(name)
 
 
 def _sync(device: torch.device) -> None:
@@ -134,7 +152,7 @@ def run_benchmark(family: str = "vit", size: str = "small", depths: Sequence[int
             raise ValueError(f"{name} must be a whole number >= 1 (or None for the default), got {value!r}")
     if family == "vit" and (not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths)):
         raise ValueError(f"depths must be whole numbers >= 1, e.g. (12, 24), got {list(depths)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = usable_device(device)
     video = family == "mvit-video"
     batch = batch_size if batch_size is not None else {"vit": 4, "mvit": 2, "mvit-video": 1}[family]
     img_size = img_size if img_size is not None else (112 if video else 224)

@@ -264,6 +264,11 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def num_objects(self) -> int:
+        """The non-crowd annotations of the items: the ground truth AP is measured against (0: no AP)."""
+        return sum(len(self._anns[i]) for i in self.ids)
+
     def load(self, image_id: int) -> tuple[tv_tensors.Image, dict]:
         """The image (uint8) and its untransformed target, boxes and masks as tv_tensors."""
         img = self.coco.imgs[image_id]

@@ -11,8 +11,10 @@ The options that rebuild a detector (`detector_options(det)`) are stored as the 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import warnings
+import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
 import timm
@@ -24,6 +26,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..interop import load as load_weights
 from ..interop import model_spec, read_metadata, save
@@ -32,7 +35,8 @@ from ..layers import resample_pos_embed
 from ..models import set_backprop
 from .backbone import build_backbone
 
-__all__ = ["create_detector", "load_backbone_weights", "detector_options", "save_detector", "load_detector"]
+__all__ = ["create_detector", "check_detector_kwargs", "load_backbone_weights", "detector_options", "save_detector",
+           "load_detector", "detector_from_checkpoint"]
 
 TASK = "detection"
 
@@ -46,6 +50,26 @@ def _anchor_generator(sizes: Optional[Sequence[int]]) -> Optional[AnchorGenerato
     if len(sizes) != 5:
         raise ValueError(f"anchor_sizes needs one size per pyramid level (5), got {sizes}")
     return AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+
+
+# the MaskRCNN options create_detector sets itself (from its own arguments)
+_SET_HERE = ("backbone", "num_classes", "min_size", "max_size", "rpn_anchor_generator", "box_head", "box_predictor",
+             "mask_head", "mask_predictor")
+
+
+def check_detector_kwargs(detector_kwargs: Mapping[str, Any]) -> None:
+    """ValueError naming the keys MaskRCNN does not take (it would ignore them silently: its **kwargs go to
+    GeneralizedRCNNTransform, which drops what it does not know) or that create_detector sets itself."""
+    taken = {*inspect.signature(MaskRCNN.__init__).parameters,
+             *inspect.signature(GeneralizedRCNNTransform.__init__).parameters} - {"self", "kwargs", *_SET_HERE}
+    own = sorted(k for k in detector_kwargs if k in _SET_HERE)
+    if own:
+        raise ValueError(f"detector_kwargs: {own} are set by their own settings (min_size, max_size, anchor_sizes, "
+                         "box_head_dim, mask_head_dim; the classes come from the data), not here")
+    unknown = sorted(k for k in detector_kwargs if k not in taken)
+    if unknown:
+        raise ValueError(f"detector_kwargs: unknown option(s) {unknown}; torchvision's MaskRCNN takes: "
+                         f"{', '.join(sorted(taken))}")
 
 
 def create_detector(backbone: str | nn.Module, num_classes: int, *, min_size: int | Sequence[int] = 800,
@@ -68,6 +92,7 @@ def create_detector(backbone: str | nn.Module, num_classes: int, *, min_size: in
     """
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background: need at least 2, got {num_classes}")
+    check_detector_kwargs(detector_kwargs or {})
     if isinstance(backbone, str):
         if not timm.is_model(backbone):
             raise ValueError(f"unknown backbone {backbone!r}: give a registered revvit model, e.g. rev_mvit_base, "
@@ -208,14 +233,35 @@ def load_detector(path: str | os.PathLike) -> tuple[MaskRCNN, dict]:
 def detector_from_checkpoint(path: str | os.PathLike) -> tuple[MaskRCNN, dict]:
     """A detector from `model.safetensors` or a training checkpoint (`.pt`) of `revvit detect train`."""
     path = os.fspath(path)
+    wanted = "Give the model.safetensors (or a checkpoints/ckpt_N.pt) of `revvit detect train`."
+    if os.path.isdir(path):
+        inside = os.path.join(path, "model.safetensors")
+        raise CheckpointError(path, "is a folder, not a file", f"Give {inside}." if os.path.isfile(inside) else wanted)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
-    if not path.endswith(".pt"):
+    if not path.endswith(".pt") and not _torch_file(path):
         return load_detector(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        det = build_detector(ckpt["detector"])
-        det.load_state_dict(ckpt["model"])
     except Exception as e:  # noqa: BLE001  (any unreadable or foreign file: one line naming it)
         raise CheckpointError(path, f"not a readable detection checkpoint ({type(e).__name__}: {e})") from None
+    if not (isinstance(ckpt, dict) and "detector" in ckpt and "model" in ckpt):
+        raise CheckpointError(path, "not a detector file: a PyTorch checkpoint without a detector (a classifier's, "
+                                    "or official SlowFast weights)",
+                              f"{wanted} Classifiers: `revvit eval`; as a backbone: `detect train --pretrained`.")
+    try:
+        det = build_detector(ckpt["detector"])
+        det.load_state_dict(ckpt["model"])
+    except Exception as e:  # noqa: BLE001  (a damaged or foreign checkpoint: one line naming it)
+        raise CheckpointError(path, f"not a readable detection checkpoint ({type(e).__name__}: {e})") from None
     return det.eval(), {"detector": ckpt["detector"], "config": ckpt.get("config", {})}
+
+
+def _torch_file(path: str) -> bool:
+    """Whether `path` is a torch.save file (a zip archive, or a legacy pickle), not a safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError:
+        return False
+    return first == b"\x80" or zipfile.is_zipfile(path)

@@ -5,8 +5,11 @@
                                (exact resume: model, optimizer, scaler, position, history and every random
                                generator; each epoch's order is a function of (seed, epoch)), metrics.json /
                                metrics.csv / curves.png, OUT/config.yaml and OUT/model.safetensors (the
-                               detector's options as metadata), COCO AP at the end (and every `eval_every`)
+                               detector's options as metadata), COCO AP at the end (and every `eval_every`);
+                               a start that fails before the first checkpoint removes what it created
+    run_config(out)            the config a run's newest checkpoint stored: what `--resume` starts from
     evaluate_detector(...)     COCO bbox and segm AP of a detector on a dataset
+    evaluate_checkpoint(...)   the same for a detector file on a COCO layout's val split (`revvit detect eval`)
 
 Under `torchrun` (WORLD_SIZE > 1) it runs DistributedDataParallel, each process on its shard of every batch
 (the global batch is split) and of the evaluation; rank 0 writes the files.
@@ -23,6 +26,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -33,16 +37,17 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ..data.common import SkippedFiles
 from ..io import CheckpointError, atomic_write
 from ..train.checkpoint import check_output_dir, rng_state, set_rng_state
-from .coco import CocoDetection, detection_collate
-from .config import DetectionConfig, DetectionConfigError
+from .coco import CocoDetection, DetectionDataError, detection_collate
+from .config import DetectionConfig, DetectionConfigError, saved_detection_config
 from .digits_coco import make_digits_coco
 from .evaluate import CocoEvalResult, coco_evaluate
-from .model import create_detector, detector_options, save_detector
+from .model import check_detector_kwargs, create_detector, detector_from_checkpoint, detector_options, save_detector
 from .transforms import detection_train_transform
 
-__all__ = ["train_detector", "evaluate_detector", "learning_rate"]
+__all__ = ["train_detector", "run_config", "evaluate_detector", "evaluate_checkpoint", "learning_rate"]
 
 _CKPT = re.compile(r"^ckpt_(\d+)\.pt$")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -66,21 +71,13 @@ def _dist() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _device(cfg: DetectionConfig, rank: int) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 def _datasets(cfg: DetectionConfig, digits_root: Path, rank: int) -> tuple[CocoDetection, CocoDetection]:
     root = cfg.data
     if root is None:  # the embedded default: built once (by rank 0) at digits_root
         root = digits_root
         if rank == 0:
             try:
-                make_digits_coco(root, **cfg.digits)
-            except TypeError as e:  # an unknown digits.NAME key
-                raise DetectionConfigError(f"digits: {e}") from None
+                make_digits_coco(root, **cfg.digits)  # its keys and their types: checked by cfg.check()
             except ValueError as e:
                 if type(e) is not ValueError:  # DetectionDataError: says itself what is wrong
                     raise
@@ -88,7 +85,9 @@ def _datasets(cfg: DetectionConfig, digits_root: Path, rank: int) -> tuple[CocoD
         if dist.is_initialized():
             dist.barrier()
     train_tf = detection_train_transform(hflip=cfg.hflip, lsj_size=cfg.lsj_size, lsj_scale=tuple(cfg.lsj_scale))
-    return CocoDetection(root, "train", train_tf), CocoDetection(root, "val")
+    with warnings.catch_warnings():  # unreadable files: said by the caller as one line
+        warnings.simplefilter("ignore", SkippedFiles)
+        return CocoDetection(root, "train", train_tf), CocoDetection(root, "val")
 
 
 def _to(images, targets, device):
@@ -119,6 +118,34 @@ def evaluate_detector(det: nn.Module, dataset: CocoDetection, batch_size: int = 
     return coco_evaluate(predictions, dataset.coco, categories=dataset.categories)
 
 
+def evaluate_checkpoint(path: str | os.PathLike, data: str | os.PathLike, batch_size: int = 8, device: str = "auto",
+                        amp: Optional[str] = None, log: Callable[[str], None] = print) -> CocoEvalResult:
+    """`revvit detect eval`: COCO AP of the detector in `path` (model.safetensors or a checkpoint .pt of `revvit
+    detect train`) on the val split of `data`; DetectionDataError when the data has other categories or no
+    objects to measure AP on. Unreadable images are dropped and said by `log` in one line."""
+    det, meta = detector_from_checkpoint(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SkippedFiles)  # said below, as one line
+        dataset = CocoDetection(data, "val")
+    _say_skipped(dataset, log)
+    if not dataset.num_objects:
+        raise DetectionDataError(f"{dataset.ann_file} has no (non-crowd) annotations: there is nothing to evaluate; "
+                                 "give a val set with annotated objects")
+    trained = meta.get("detector", {}).get("num_classes")
+    if trained != dataset.categories.num_classes:
+        raise DetectionDataError(f"{path} detects {trained - 1 if trained else '?'} classes but {data} has "
+                                 f"{dataset.categories.num_classes - 1}: evaluate on its own categories")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return evaluate_detector(det.to(device), dataset, batch_size, device, amp)
+
+
+def _say_skipped(dataset: CocoDetection, say: Callable[[str], None]) -> None:
+    if dataset.skipped:
+        say(f"skipped {len(dataset.skipped)} unreadable file(s) in {dataset.image_dir}: "
+            f"{', '.join(dataset.skipped[:5])}" + (" ..." if len(dataset.skipped) > 5 else ""))
+
+
 # -- checkpoints and records ---------------------------------------------------------------------------
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -126,13 +153,13 @@ def _checkpoints(out: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _load_latest(out: Path, log: Callable[[str], None]) -> Optional[dict]:
-    """The newest checkpoint that loads (weights_only: a file holding pickled code is refused, never run);
-    None when there is none; CheckpointError when there are some but none loads."""
+def _load_latest(out: Path, log: Callable[[str], None], mmap: bool = False) -> Optional[dict]:
+    """The newest checkpoint that loads (weights_only: a file holding pickled code is refused, never run;
+    `mmap`: tensors mapped, not read); None when there is none; CheckpointError when none of them loads."""
     found = _checkpoints(out)
     for path in found:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # noqa: BLE001  (a damaged file: named and skipped, the next one is tried)
             log(f"skipping unreadable checkpoint {path} ({type(e).__name__})")
     if found:
@@ -154,8 +181,9 @@ def _same_data(a, b) -> bool:
     return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
 
 
-def check_resume(saved: dict, cfg: DetectionConfig, out: Path) -> None:
-    """DetectionConfigError when `cfg` changes a setting of the run's `saved` config that cannot change."""
+def check_resume(saved: dict, cfg: DetectionConfig, out: Path) -> list[str]:
+    """The settings `cfg` changes from the run's `saved` config; DetectionConfigError for one that cannot
+    change in a run in progress (its data, batch or detector)."""
     changed = [k for k in RESUME_FIXED if k in saved and
                not (_same_data(saved[k], cfg.data) if k == "data" else saved[k] == getattr(cfg, k))]
     if changed:
@@ -163,6 +191,7 @@ def check_resume(saved: dict, cfg: DetectionConfig, out: Path) -> None:
         raise DetectionConfigError(f"cannot resume {out} with other data, batch or detector ({detail}): resume with "
                                    "the run's own settings (give only what changes, e.g. --epochs), or start a new "
                                    "run in another --output")
+    return [k for k, v in saved.items() if k not in RESUME_FIXED and hasattr(cfg, k) and v != getattr(cfg, k)]
 
 
 def _save_checkpoint(state: dict, out: Path, step: int, keep: int) -> None:
@@ -203,33 +232,103 @@ def _write_records(out: Path, history: list[dict]) -> None:
 
 # -- the loop ------------------------------------------------------------------------------------------
 
+def run_config(out: str | os.PathLike) -> Optional[DetectionConfig]:
+    """The config of the run in `out` as its newest readable checkpoint stored it (what `--resume` starts from);
+    None when `out` holds no checkpoint. The tensors are memory-mapped, not read."""
+    ckpt = _load_latest(Path(out), lambda _msg: None, mmap=True)
+    return None if ckpt is None else saved_detection_config(ckpt.get("config", {}))
+
+
 def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = False,
                    log: Callable[[str], None] = print) -> dict:
     """Train a Mask R-CNN as `cfg` says, writing everything under `out`; returns the last history row (with
-    bbox_AP and segm_AP). Raises DetectionDataError / DetectionConfigError / CheckpointError / TrainError (an
-    unusable `out`) for what a user can fix; `out` is created only once data, backbone and resume check out."""
+    bbox_AP and segm_AP when the val set has objects). Raises DetectionDataError / DetectionConfigError /
+    CheckpointError / TrainError (an unusable `out`) for what a user can fix. Settings, device and `out` are
+    checked before anything is created; `out` is created only once data, detector and resume check out, and a
+    start that fails before the first checkpoint removes what it created."""
     cfg = cfg.check()
+    check_detector_kwargs(cfg.detector_kwargs)
     out = Path(out)
     rank, world = _dist()
-    main = rank == 0
-    say = log if main else (lambda _msg: None)
+    say = log if rank == 0 else (lambda _msg: None)
     if cfg.batch_size % world:
         raise DetectionConfigError(f"batch_size {cfg.batch_size} is the global batch: it must divide by the {world} "
                                    "processes")
-    check_output_dir(out)  # nothing is created until data, backbone and resume are known to be good
-    ckpt = None
-    if _checkpoints(out):
-        if not resume:
-            raise DetectionConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, "
-                                       "or choose another --output")
-        ckpt = _load_latest(out, say)
-        check_resume(ckpt.get("config", {}), cfg, out)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = _device(cfg, rank)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    check_output_dir(out)
+    ckpt = _start_point(cfg, out, resume, say)
+    created = _first_missing(out)  # None: `out` exists; then only what this process adds to it is removed
+    before = None if created else set(os.listdir(out))
+    try:
+        return _train(cfg, out, ckpt, device, rank, world, say)
+    except BaseException:
+        if rank == 0 and not _checkpoints(out):
+            _remove_new(created, out, before)
+        raise
+
+
+def _device(cfg: DetectionConfig, rank: int) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device(f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DetectionConfigError(f"device={cfg.device}, but this machine has no usable CUDA GPU "
+                                   "(torch.cuda.is_available() is False): use device=cpu or device=auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise DetectionConfigError(f"device={cfg.device}, but this machine has {n} GPU(s), cuda:0 to cuda:{n - 1}")
+    return device
+
+
+def _start_point(cfg: DetectionConfig, out: Path, resume: bool, say: Callable[[str], None]) -> Optional[dict]:
+    """The checkpoint to resume from (None: a new run), after refusing an `out` whose results a new run would
+    overwrite and a resume that changes the run's data, batch or detector."""
+    if not _checkpoints(out):
+        if (out / "model.safetensors").exists():
+            raise DetectionConfigError(f"{out} holds the model.safetensors of a finished run and no checkpoint to "
+                                       "continue from: choose another --output, or move that file away first")
+        if resume:
+            say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning")
+        return None
+    if not resume:
+        raise DetectionConfigError(f"{out} already holds checkpoints: pass --resume to continue that run, "
+                                   "or choose another --output")
+    ckpt = _load_latest(out, say)
+    saved = ckpt.get("config", {})
+    changed = check_resume(saved, cfg, out)
+    if changed:
+        say(f"resuming {out} with {', '.join(f'{k} {saved[k]!r} -> {getattr(cfg, k)!r}' for k in changed)}")
+    return ckpt
+
+
+def _first_missing(out: Path) -> Optional[Path]:
+    """The outermost folder of `out` (itself or a parent) that does not exist yet; None when `out` exists."""
+    if out.exists():
+        return None
+    top = out.absolute()
+    while not top.parent.exists():
+        top = top.parent
+    return top
+
+
+def _remove_new(created: Optional[Path], out: Path, before: Optional[set[str]]) -> None:
+    """Remove what a start that failed before its first checkpoint created: the folders it made, or the
+    entries it added to an `out` that existed (`before`: what was there)."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    added = set(os.listdir(out)) - (before or set()) if out.is_dir() else set()
+    for name in added:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _build(cfg: DetectionConfig, out: Path, ckpt: Optional[dict], device: torch.device, rank: int, world: int,
+           say: Callable[[str], None]) -> tuple[CocoDetection, CocoDetection, nn.Module]:
+    """(train set, val set, detector on `device`); `out` exists afterwards, not before data and detector do."""
     # the embedded digits set lives under OUT; a new OUT is created only after the set built, so it is first
     # built in a temporary folder (one process only: under torchrun OUT is created first)
     staged = None
@@ -244,12 +343,13 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
         if len(train_ds) < cfg.batch_size:
             raise DetectionConfigError(f"the train set has {len(train_ds)} images, fewer than batch_size "
                                        f"{cfg.batch_size}: lower batch_size (--batch-size) or use more images")
-        try:
+        try:  # a resumed run has its own weights: the pretrained file is not read again
             det = create_detector(cfg.backbone, train_ds.categories.num_classes, min_size=tuple(cfg.min_size),
-                                  max_size=cfg.max_size, pretrained=cfg.pretrained, out_channels=cfg.out_channels,
-                                  anchor_sizes=cfg.anchor_sizes, box_head_dim=cfg.box_head_dim,
-                                  mask_head_dim=cfg.mask_head_dim, backprop=cfg.backprop,
-                                  detector_kwargs=cfg.detector_kwargs, **cfg.backbone_kwargs).to(device)
+                                  max_size=cfg.max_size, pretrained=None if ckpt else cfg.pretrained,
+                                  out_channels=cfg.out_channels, anchor_sizes=cfg.anchor_sizes,
+                                  box_head_dim=cfg.box_head_dim, mask_head_dim=cfg.mask_head_dim,
+                                  backprop=cfg.backprop, detector_kwargs=cfg.detector_kwargs,
+                                  **cfg.backbone_kwargs).to(device)
         except TypeError as e:  # an option the backbone or detector does not take
             raise DetectionConfigError(f"backbone {cfg.backbone!r}: {e}") from None
         out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +359,23 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
+    for ds in (train_ds, val_ds):  # said here, as one line each (the data layer's warnings are filtered)
+        _say_skipped(ds, say)
+    if not val_ds.num_objects:
+        say(f"warning: {val_ds.ann_file} has no (non-crowd) annotations: there is nothing to measure AP on, so "
+            "the run is not evaluated")
+    return train_ds, val_ds, det
+
+
+def _train(cfg: DetectionConfig, out: Path, ckpt: Optional[dict], device: torch.device, rank: int, world: int,
+           say: Callable[[str], None]) -> dict:
+    main = rank == 0
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    train_ds, val_ds, det = _build(cfg, out, ckpt, device, rank, world, say)
     params = [p for p in det.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]  # biases, norms, position embeddings' 1-D kin: no decay
@@ -273,19 +390,20 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
 
     history: list[dict] = []
     start_epoch, step = 0, 0
-    if resume:
-        if ckpt is None:
-            say(f"--resume: no checkpoint in {out / 'checkpoints'}; starting from the beginning")
-        else:
-            if ckpt["detector"] != detector_options(det):
-                raise CheckpointError(out, "the checkpoint was written for another detector than this config builds",
-                                      "Resume with the config the run was started with.")
-            det.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-            set_rng_state(ckpt["rng"])
-            say(f"resumed at epoch {start_epoch} (iteration {step})")
+    if ckpt is not None:
+        if ckpt["detector"] != detector_options(det):
+            raise CheckpointError(out, "the checkpoint was written for another detector than this config builds",
+                                  "Resume with the config the run was started with.")
+        det.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        set_rng_state(ckpt["rng"])
+        if step >= total and (out / "model.safetensors").is_file():  # nothing to do: nothing is rewritten
+            say(f"{out} already did {step} iterations, the {total} asked: nothing to train (a larger --epochs or "
+                "max_iters extends the run)")
+            return history[-1] if history else {}
+        say(f"resumed at epoch {start_epoch} (iteration {step})")
     if main:
         atomic_write(out / "config.yaml", lambda f: f.write(yaml.safe_dump(dataclasses.asdict(cfg)).encode()))
     say(f"detect train: {cfg.backbone} Mask R-CNN, {len(train_ds)} train / {len(val_ds)} val images, "
@@ -294,6 +412,8 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
 
     row: dict = history[-1] if history else {}
     for epoch in range(start_epoch, epochs):
+        if step >= total:  # a resumed run already as long as asked
+            break
         t0 = time.perf_counter()
         order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
         order = order[: iters_per_epoch * cfg.batch_size].view(-1, cfg.batch_size)  # one row per global batch
@@ -328,7 +448,7 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
                "loss": sum(sums.values()) / max(count, 1), **{k: v / max(count, 1) for k, v in sums.items()},
                "time_s": round(time.perf_counter() - t0, 2)}
         last = epoch + 1 == epochs or step >= total
-        if last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
+        if val_ds.num_objects and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             result = evaluate_detector(det, val_ds, per_rank, device, cfg.amp, cfg.workers)
             row.update(bbox_AP=float(result.metrics["bbox"]["AP"]), segm_AP=float(result.metrics["segm"]["AP"]))
             if last:
