@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RTOL", "assert_reversible_matches_autograd", "weighted_sum"]
+__all__ = ["RTOL", "assert_reversible_matches_autograd", "weighted_sum", "cli_refusal"]
 
 # Relative error (of the gradient norm) allowed between reversible and autograd backprop, per dtype: the
 # reversible backward rebuilds activations by subtraction, so it differs by rounding only.
@@ -64,3 +64,22 @@ def assert_reversible_matches_autograd(model: nn.Module, x: Tensor, *, forward: 
         err = (g_rev[name] - ag).norm() / torch.maximum(ag.norm(), 1e-3 * scale).clamp_min(1e-30)
         assert err < rtol, f"{name}: {mode} and autograd gradients differ (relative error {err:.2e} >= {rtol})"
     return out_rev, out_ag
+
+
+def cli_refusal(capsys, argv: list[str]) -> tuple[str, str]:
+    """Run the CLI on `argv`, expecting a refusal: exit 1 (or 2, argparse's), no traceback and no "unexpected"
+    error, the last error line `revvit <command>: error: ...` (argparse puts its usage lines above it).
+    Returns (that line, what was printed to stdout)."""
+    from revvit.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert code in (1, 2), captured
+    assert "Traceback" not in err and "unexpected" not in err, err
+    command = " ".join(argv[:2] if argv[0] == "detect" else argv[:1])
+    assert err.splitlines()[-1].startswith(f"revvit {command}: error: "), err
+    return err.splitlines()[-1], captured.out

@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
+from helpers import cli_refusal
 from revvit import interop
 from revvit.bench import run_benchmark
-from revvit.cli import main
 from revvit.models import RevViT
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
@@ -15,17 +15,10 @@ BENCH = ["bench", "--size", "tiny", "--depths", "1", "--img-size", "32", "--batc
 
 
 def _refused(capsys, argv: list[str]) -> str:
-    """Run the CLI, expecting a refusal; its error line (argparse puts its usage lines above it)."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert code in (1, 2), captured
-    assert "Traceback" not in err and "unexpected" not in err and "measuring" not in captured.out, captured
-    assert err.splitlines()[-1].startswith(f"revvit {argv[0]}: error: "), err
-    return err.splitlines()[-1]
+    """The CLI's one-line refusal of `argv`, found before anything was measured."""
+    line, out = cli_refusal(capsys, argv)
+    assert "measuring" not in out, out
+    return line
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,13 @@
 Python exception text or a traceback), nothing good is overwritten, a failed start leaves nothing behind, and
 `--resume` continues a run with its own settings."""
 import json
-import re
 import shutil
 
 import pytest
 import torch
 
 from fixtures import write_corrupt
+from helpers import cli_refusal
 from official_format import write_pyth
 from revvit.cli import main
 from revvit.detection import make_digits_coco
@@ -38,17 +38,8 @@ def run(digits, tmp_path_factory):
 
 
 def _fails(capsys, argv: list[str]) -> str:
-    """Run the CLI, expecting a refusal as one error line (argparse puts its usage above); that line."""
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert code in (1, 2), captured
-    assert "Traceback" not in err and "unexpected" not in err, err
-    assert re.match(r"revvit detect (train|eval): error: ", err.splitlines()[-1]), err
-    return err.splitlines()[-1]
+    """The CLI's one-line refusal of `argv` (a detect command)."""
+    return cli_refusal(capsys, argv)[0]
 
 
 # -- resume ---------------------------------------------------------------------------------------------

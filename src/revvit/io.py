@@ -8,10 +8,12 @@ import errno
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
-__all__ = ["CheckpointError", "atomic_write", "disk_full", "remove_stale_temps", "plain_data", "TEMP_SUFFIX"]
+__all__ = ["CheckpointError", "atomic_write", "disk_full", "remove_stale_temps", "plain_data", "TEMP_SUFFIX",
+           "saved_by_torch", "FolderBefore", "folder_before", "remove_created"]
 
 TEMP_SUFFIX = ".tmp"  # atomic_write's temporary files: ".<final name>.<random>.tmp" beside the final file
 
@@ -112,6 +114,51 @@ def remove_stale_temps(folder: os.PathLike | str) -> list[str]:
             os.unlink(entry.path)
             removed.append(entry.name)
     return sorted(removed)
+
+
+def saved_by_torch(path: os.PathLike | str) -> bool:
+    """Whether `path` starts as `torch.save`'s files do (a zip archive, or a pickle in the legacy format),
+    e.g. to tell a damaged checkpoint from a file of another kind."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(1)
+    except OSError:
+        return False
+    return first == b"\x80" or zipfile.is_zipfile(path)
+
+
+class FolderBefore(NamedTuple):
+    """What a run's output folder was before the run wrote to it (`folder_before`)."""
+
+    created: Optional[str]  # the outermost folder on its path the run will create; None: the folder exists
+    entries: frozenset  # the names it held (empty when it is to be created)
+
+
+def folder_before(folder: os.PathLike | str) -> FolderBefore:
+    """Take `folder`'s state before a run writes to it, for `remove_created`."""
+    top = os.path.abspath(folder)
+    if os.path.isdir(top):
+        return FolderBefore(None, frozenset(os.listdir(top)))
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    return FolderBefore(top, frozenset())
+
+
+def remove_created(folder: os.PathLike | str, before: FolderBefore) -> list[str]:
+    """Remove what was created in and above `folder` since `before` (the folders made, or the entries added to
+    a folder that existed), keeping what was there; the names of `folder`'s entries removed."""
+    folder = os.fspath(folder)
+    added = sorted(set(os.listdir(folder)) - before.entries) if os.path.isdir(folder) else []
+    if before.created is not None:
+        shutil.rmtree(before.created, ignore_errors=True)
+        return added
+    for name in added:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+    return added
 
 
 def plain_data(value: Any) -> Any:

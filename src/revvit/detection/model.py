@@ -14,7 +14,6 @@ import copy
 import inspect
 import os
 import warnings
-import zipfile
 from typing import Any, Mapping, Optional, Sequence
 
 import timm
@@ -30,7 +29,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..interop import load as load_weights
 from ..interop import model_spec, read_metadata, save
-from ..io import CheckpointError
+from ..io import CheckpointError, saved_by_torch
 from ..layers import resample_pos_embed
 from ..models import set_backprop
 from .backbone import build_backbone
@@ -239,7 +238,7 @@ def detector_from_checkpoint(path: str | os.PathLike) -> tuple[MaskRCNN, dict]:
         raise CheckpointError(path, "is a folder, not a file", f"Give {inside}." if os.path.isfile(inside) else wanted)
     if not os.path.isfile(path):
         raise CheckpointError(path, "no such file")
-    if not path.endswith(".pt") and not _torch_file(path):
+    if not path.endswith(".pt") and not saved_by_torch(path):
         return load_detector(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -257,11 +256,3 @@ def detector_from_checkpoint(path: str | os.PathLike) -> tuple[MaskRCNN, dict]:
     return det.eval(), {"detector": ckpt["detector"], "config": ckpt.get("config", {})}
 
 
-def _torch_file(path: str) -> bool:
-    """Whether `path` is a torch.save file (a zip archive, or a legacy pickle), not a safetensors file."""
-    try:
-        with open(path, "rb") as f:
-            first = f.read(1)
-    except OSError:
-        return False
-    return first == b"\x80" or zipfile.is_zipfile(path)

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..data.common import SkippedFiles
-from ..io import CheckpointError, atomic_write
+from ..io import CheckpointError, atomic_write, folder_before, remove_created
 from ..train.checkpoint import check_output_dir, rng_state, set_rng_state
 from .coco import CocoDetection, DetectionDataError, detection_collate
 from .config import DetectionConfig, DetectionConfigError, saved_detection_config
@@ -257,13 +257,12 @@ def train_detector(cfg: DetectionConfig, out: str | os.PathLike, resume: bool = 
     device = _device(cfg, rank)
     check_output_dir(out)
     ckpt = _start_point(cfg, out, resume, say)
-    created = _first_missing(out)  # None: `out` exists; then only what this process adds to it is removed
-    before = None if created else set(os.listdir(out))
+    before = folder_before(out)  # a failed start removes what it created, nothing that was there
     try:
         return _train(cfg, out, ckpt, device, rank, world, say)
     except BaseException:
         if rank == 0 and not _checkpoints(out):
-            _remove_new(created, out, before)
+            remove_created(out, before)
         raise
 
 
@@ -299,31 +298,6 @@ def _start_point(cfg: DetectionConfig, out: Path, resume: bool, say: Callable[[s
     if changed:
         say(f"resuming {out} with {', '.join(f'{k} {saved[k]!r} -> {getattr(cfg, k)!r}' for k in changed)}")
     return ckpt
-
-
-def _first_missing(out: Path) -> Optional[Path]:
-    """The outermost folder of `out` (itself or a parent) that does not exist yet; None when `out` exists."""
-    if out.exists():
-        return None
-    top = out.absolute()
-    while not top.parent.exists():
-        top = top.parent
-    return top
-
-
-def _remove_new(created: Optional[Path], out: Path, before: Optional[set[str]]) -> None:
-    """Remove what a start that failed before its first checkpoint created: the folders it made, or the
-    entries it added to an `out` that existed (`before`: what was there)."""
-    if created is not None:
-        shutil.rmtree(created, ignore_errors=True)
-        return
-    added = set(os.listdir(out)) - (before or set()) if out.is_dir() else set()
-    for name in added:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
 
 
 def _build(cfg: DetectionConfig, out: Path, ckpt: Optional[dict], device: torch.device, rank: int, world: int,

@@ -25,7 +25,6 @@ import os
 import pickle
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,13 +34,13 @@ import torch
 from torch import nn
 
 from .. import interop
-from ..io import CheckpointError, atomic_write, remove_stale_temps
+from ..io import CheckpointError, FolderBefore, atomic_write, remove_created, remove_stale_temps, saved_by_torch
 from .parts import TrainError
 
 __all__ = ["atomic_write", "atomic_save", "save_checkpoint", "list_checkpoints", "load_latest", "CheckpointError",
            "rng_state", "set_rng_state", "load_model", "BEST", "WEIGHTS", "EMA_WEIGHTS", "non_finite",
            "check_output_dir", "prepare_output_dir", "load_model_state", "REFUSED", "run_files", "resumable",
-           "folder_entries", "remove_failed_start", "CONFIG"]
+           "remove_failed_start", "CONFIG"]
 
 BEST = "best.pt"
 CONFIG = "config.yaml"  # the run's settings (`revvit train --config` reruns it)
@@ -82,29 +81,13 @@ def resumable(out_dir: Path) -> bool:
     return bool(list_checkpoints(out_dir)) or (Path(out_dir) / BEST).is_file()
 
 
-def folder_entries(out_dir: Path) -> Optional[set[str]]:
-    """The names in `out_dir` (None: no such folder): taken before a run starts, for `remove_failed_start`."""
-    out_dir = Path(out_dir)
-    return set(os.listdir(out_dir)) if out_dir.is_dir() else None
-
-
-def remove_failed_start(out_dir: Path, before: Optional[set[str]]) -> list[str]:
-    """After a run stopped before writing any checkpoint: remove what it created in `out_dir` (config.yaml,
-    logs; the folder itself if it made it), keeping everything that was there before (`before`, from
-    `folder_entries`). Nothing is removed once the folder holds a run's files. Returns the names removed."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir() or run_files(out_dir):
+def remove_failed_start(out_dir: Path, before: FolderBefore) -> list[str]:
+    """After a run stopped before writing any checkpoint: remove what it created (config.yaml, logs; the
+    folder itself if it made it), keeping what was there before (`before`, from `revvit.io.folder_before`).
+    Nothing is removed once the folder holds a run's files. Returns the names removed."""
+    if run_files(out_dir):
         return []
-    created = sorted(set(os.listdir(out_dir)) - (before or set()))
-    for name in created:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    if before is None and not any(out_dir.iterdir()):
-        out_dir.rmdir()
-    return created
+    return remove_created(out_dir, before)
 
 
 def prepare_output_dir(out_dir: Path, log: Callable[[str], None] = print) -> None:
@@ -204,19 +187,11 @@ def _why_unreadable(path: Path, e: Exception) -> str:
     if path.stat().st_size == 0:
         return "is empty (0 bytes)"
     # torch names what weights_only refused ("Unsupported global" / "Weights only load failed")
-    if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower() and _saved_by_torch(path):
+    if isinstance(e, pickle.UnpicklingError) and "weights only" in str(e).lower() and saved_by_torch(path):
         return ("holds pickled code (Python objects beyond tensors and plain data), refused: revvit never runs "
                 "code from a checkpoint")
     first = str(e).splitlines()[0] if str(e) else ""
     return f"is corrupt or truncated ({type(e).__name__}{': ' + first[:160] if first else ''})"
-
-
-def _saved_by_torch(path: Path) -> bool:
-    """Whether `path` starts as torch.save's files do (a zip archive, or a pickle in the legacy format): a file
-    of random bytes is corrupt, not code."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _set_aside(path: Path) -> str:

@@ -32,7 +32,7 @@ from .. import interop
 from ..bench.memory import memory_table
 from ..data import DataBundle, build_datasets
 from ..data import common as data_common
-from ..io import atomic_write
+from ..io import atomic_write, folder_before
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, SkipSampler, all_reduce_sum, init_distributed, shutdown
@@ -429,7 +429,7 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, log: Callab
     t_start = time.perf_counter()
     d = init_distributed(cfg.device)
     saved_threads, saved_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    run, before = None, ckpt.folder_entries(Path(out_dir))
+    run, before = None, folder_before(out_dir)
     try:
         run = setup(cfg, Path(out_dir), d, resume, t_start)
         resume_or_seed(run, resume)
