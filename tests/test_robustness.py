@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -38,7 +39,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_bf16_autocast_reversible_gradients_match_autograd_in_every_family(family):
+def test_bf16_autocast_reversible_gradients_match_autograd_in_every_family(family, monkeypatch):
     name, kwargs, shape = FAMILIES[family]
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=5, drop_path_rate=0.1, **kwargs)
@@ -49,7 +50,11 @@ def test_bf16_autocast_reversible_gradients_match_autograd_in_every_family(famil
             return m(v).float()
 
     # the same bf16 F/G computations in both modes; only the reversible reconstruction could differ (4e-3 for
-    # Rev-MViT while the stage transitions handed bf16 streams to the next stack)
+    # Rev-MViT while the stage transitions handed bf16 streams to the next stack). PyTorch's own kernels, not
+    # oneDNN's: on CPUs with native bf16 (AMX), oneDNN's bf16 depthwise Conv3d weight gradient differs between
+    # two calls with the same arguments (measured: equal inputs and strides, unequal results), so there autograd
+    # does not even match itself (Rev-MViT's pooling weights: up to 0.46 relative between two autograd steps)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert_reversible_matches_autograd(model, x, forward=forward, rtol=1e-5)
 
 
@@ -284,8 +289,12 @@ def test_a_diverging_run_skips_non_finite_steps_stops_and_writes_only_finite_ten
         warnings.simplefilter("ignore")
         assert main(argv) == 1
     captured = capsys.readouterr()
-    assert "gradients are not finite at 3 steps in a row" in captured.err
-    assert captured.out.count("update skipped") == 2
+    stop = re.search(r"gradients are not finite at 3 steps in a row \(up to step (\d+)\)", captured.err)
+    assert stop, captured.err
+    # isolated bad steps before it (how many depends on the CPU's arithmetic) are skipped and training goes on;
+    # the two just before the stopping step were skipped, each with its own warning
+    skipped = [int(n) for n in re.findall(r"non-finite gradients at step (\d+): update skipped", captured.out)]
+    assert skipped[-2:] == [int(stop[1]) - 2, int(stop[1]) - 1], captured.out
     written = [p for p in out.iterdir() if p.suffix in (".pt", ".safetensors")]
     assert written and all(_all_finite(p) for p in written), [p.name for p in written if not _all_finite(p)]
 
