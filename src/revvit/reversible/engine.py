@@ -406,7 +406,12 @@ class _Record:
         `swap`: stand-ins in place of parameters."""
         if replay and self.sharded:
             self.block.unshard()  # FSDP2's pre-backward has usually done it already (then a no-op)
-        if b.requires_grad and b.is_leaf and torch.is_grad_enabled():
+        if b.requires_grad and not torch.is_grad_enabled():
+            # no graph (the forward, an inversion): fn sees b detached. A slice of the Function's input taken
+            # there has requires_grad but no gradient function, which module hooks that watch inputs'
+            # gradients (FlopCounterMode's module tracker) cannot hook
+            b = b.detach()
+        elif b.requires_grad and b.is_leaf:
             # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
             # module tracker) may not be given a leaf while a backward runs
             b = b.view_as(b)
