@@ -1,6 +1,6 @@
-"""Attention recomputed by the reversible engine in pieces goes through one group of heads at a time
-(`_RecomputedAttention`): the same output as `Attention.forward`, the same gradients as autograd, and less
-memory than autograd's graph of it."""
+"""Attention recomputed by the reversible engine in pieces (`fused=False`) goes through one group of heads at a
+time (`_RecomputedAttention`): the same output as `Attention.forward`, the same gradients as autograd, and less
+memory than autograd's graph of it. (Attention's fused coupling: tests/test_fused.py.)"""
 import pytest
 import timm
 import torch
@@ -15,11 +15,11 @@ from revvit.reversible import pieces as chunks
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """Calls of the fused attention (one per recomputed piece of F)."""
-    calls, fused = [], attention._RecomputedAttention
+def recomputed_calls(monkeypatch):
+    """Calls of the recomputed attention Function (one per recomputed piece of F)."""
+    calls, function = [], attention._RecomputedAttention
     monkeypatch.setattr(attention, "_RecomputedAttention", type("Spy", (), {
-        "apply": staticmethod(lambda *a: calls.append(a[2]) or fused.apply(*a))}))
+        "apply": staticmethod(lambda *a: calls.append(a[2]) or function.apply(*a))}))
     return calls
 
 
@@ -28,27 +28,29 @@ def attention_stack(depth: int, heads: int, qkv_bias: bool) -> ReversibleStack:
     dim = 8 * heads
     blocks = [ReversibleBlock(AttentionBranch(dim, heads, qkv_bias), MlpBranch(dim, 2.0), drop_path=0.2)
               for _ in range(depth)]
-    return ReversibleStack(blocks).double()
+    stack = ReversibleStack(blocks).double()
+    stack.set_chunking(None, fused=False)
+    return stack
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("heads, qkv_bias", [(1, True), (3, False), (6, True)])  # 1, 3 and 4 uneven groups
-def test_the_fused_attentions_gradients_equal_autograds(depth, heads, qkv_bias, fused_calls, monkeypatch):
+def test_the_recomputed_attentions_gradients_equal_autograds(depth, heads, qkv_bias, recomputed_calls, monkeypatch):
     monkeypatch.setattr(chunks, "AUTO_MIN_BYTES", 0)  # the automatic split (halves of the batch) even here
     stack = attention_stack(depth, heads, qkv_bias)
     x = torch.randn(5, 7, 8 * heads, dtype=torch.float64)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v),
                                        loss=lambda out: out[0].sum() + out[1].square().sum())
-    assert fused_calls and set(fused_calls) == {heads}
+    assert recomputed_calls and set(recomputed_calls) == {heads}
 
 
-def test_an_unsplit_recomputation_does_not_use_it(fused_calls):
+def test_an_unsplit_recomputation_does_not_use_it(recomputed_calls):
     stack = attention_stack(2, 3, True)
-    stack.set_chunking(0)
+    stack.set_chunking(0, fused=False)
     x = torch.randn(4, 7, 24, dtype=torch.float64)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v),
                                        loss=lambda out: out[0].sum() + out[1].square().sum())
-    assert not fused_calls
+    assert not recomputed_calls
 
 
 def test_its_output_is_bitwise_that_of_the_plain_forward():
@@ -68,10 +70,10 @@ def test_it_holds_less_than_autograds_graph_of_attention(monkeypatch):
     dQ, dK, dV next to q, k, v and is the peak (9.5 units of one (B, N, D) stream); one group of heads at a
     time, written over q, k, v, it holds about a unit less (8.5, where G's backward is as high)."""
     torch.manual_seed(0)
-    model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=0.0)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=0.0).set_chunking(fused=False)
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
-    fused = measure_training_memory(model, x).peak_bytes
+    by_groups = measure_training_memory(model, x).peak_bytes
     monkeypatch.setattr(Attention, "_plain", lambda self: False)
     graph = measure_training_memory(model, x).peak_bytes
-    assert fused <= graph - 0.8 * unit
+    assert by_groups <= graph - 0.8 * unit

@@ -1,5 +1,6 @@
 """Chunked recomputation: F and G rebuilt and back-propagated in pieces give the gradients of the whole,
-hold less memory, and parameter gradients reach `.grad` (or autograd.grad) as before."""
+hold less memory, and parameter gradients reach `.grad` (or autograd.grad) as before. Most of these are
+about F and G recomputed under autograd (`fused=False`); fused couplings in pieces: tests/test_fused.py."""
 import copy
 
 import pytest
@@ -30,15 +31,21 @@ def two_stream_loss(out):
 
 @pytest.fixture
 def count_pieces(monkeypatch):
-    """The pieces the engine splits F and G into, one list per call (more than one piece: it chunked)."""
+    """The pieces the engine splits F and G into, fused or recomputed, one list per call (more than one
+    piece: it chunked)."""
     seen = []
-    original = chunks.pieces
 
-    def spy(fn, b, chunk_bytes, forward=False):
-        seen.append(original(fn, b, chunk_bytes, forward))
-        return seen[-1]
+    def spy_on(name: str) -> None:
+        original = getattr(chunks, name)
 
-    monkeypatch.setattr(chunks, "pieces", spy)
+        def spy(fn, b, chunk_bytes, forward=False):
+            seen.append(original(fn, b, chunk_bytes, forward))
+            return seen[-1]
+
+        monkeypatch.setattr(chunks, name, spy)
+
+    spy_on("pieces")
+    spy_on("fused_pieces")
     return seen
 
 
@@ -46,7 +53,7 @@ def count_pieces(monkeypatch):
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_fp64_chunked_gradients_equal_autograd_with_drop_path(depth, chunk_bytes, count_pieces):
     stack = vit_stack(depth)
-    stack.set_chunking(chunk_bytes)
+    stack.set_chunking(chunk_bytes, fused=False)
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
     assert max(map(len, count_pieces)) > 1
@@ -57,7 +64,7 @@ def test_fp64_chunked_gradients_equal_autograd_with_drop_path(depth, chunk_bytes
 def test_fp64_one_sample_in_token_slices_and_groups_of_heads_equals_autograd(depth, budget, count_pieces):
     stack = vit_stack(depth)
     x = torch.randn(1, 7, 16, dtype=torch.float64)
-    stack.set_chunking(budget * x.nbytes)  # in bytes per unit of the input: F's parts hold 3 + 8 / n of them
+    stack.set_chunking(budget * x.nbytes, fused=False)  # bytes per unit of the input: F's parts hold 3 + 8 / n
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
     parts = {len(p) for p in count_pieces if isinstance(p[0], chunks.Part)}
     assert parts == ({4} if budget == 1 else {2})
@@ -66,7 +73,7 @@ def test_fp64_one_sample_in_token_slices_and_groups_of_heads_equals_autograd(dep
 @pytest.mark.parametrize("depth", [2, 3])
 def test_fp32_chunked_gradients_equal_autograd(depth, count_pieces):
     stack = vit_stack(depth, dtype=torch.float32)
-    stack.set_chunking(1)  # as many pieces as there are tokens (G) and samples (F: fewer than its heads' parts)
+    stack.set_chunking(1, fused=False)  # as many pieces as tokens (G) and samples (F: fewer than its heads' parts)
     x = torch.randn(3, 7, 16)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
     assert max(map(len, count_pieces)) == 7
@@ -89,7 +96,7 @@ def test_chunking_off_never_splits(count_pieces):
 
 def test_a_random_function_is_never_split(monkeypatch):
     stack = vit_stack(2)
-    stack.set_chunking(1)
+    stack.set_chunking(1, fused=False)
     stack.blocks[0].g.mlp.drop = torch.nn.Dropout(0.2)  # G of block 0 draws random numbers now
     split = set()
     original = chunks.pieces
@@ -106,14 +113,16 @@ def test_a_bad_chunk_size_is_refused(bad):
         vit_stack(1).set_chunking(bad)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "recomputed"])
 @pytest.mark.parametrize("batch", [2, 1])  # single samples; one sample: token slices and groups of heads
 @pytest.mark.parametrize("name", [n for n in NAMES if hasattr(small(n), "set_chunking")])
-def test_every_reversible_model_is_exact_when_chunked(name, batch, count_pieces):
-    model = small(name, num_classes=5, drop_path_rate=0.3).set_chunking(1).double()  # fp64: rtol 1e-10
+def test_every_reversible_model_is_exact_when_chunked(name, batch, fused, count_pieces):
+    model = small(name, num_classes=5, drop_path_rate=0.3).set_chunking(1, fused).double()  # fp64: rtol 1e-10
     assert_reversible_matches_autograd(model, example_input(model, batch).double(),
                                        loss=lambda out: out.logsumexp(-1).sum(), seed=4)
-    assert max(map(len, count_pieces)) > 1
-    if batch == 1:
+    split = max(map(len, count_pieces)) > 1
+    assert split != (batch == 1 and fused and name.startswith("rev_vit"))  # fused: never finer than a sample
+    if batch == 1 and not fused:
         assert any(isinstance(p[0], chunks.Part) for p in count_pieces)
 
 
@@ -124,7 +133,7 @@ def test_chunking_lowers_the_peak_and_keeps_it_flat_in_depth():
         torch.manual_seed(0)
         model = timm.create_model("rev_vit_tiny_patch16_224", img_size=64, patch_size=8, depth=depth, num_classes=10,
                                   drop_path_rate=0.0)
-        return measure_training_memory(model.set_chunking(chunk_bytes), x).mb_per_sample
+        return measure_training_memory(model.set_chunking(chunk_bytes, fused=False), x).mb_per_sample
 
     whole, chunked = mb(4, 0), mb(4, 1)
     assert chunked < 0.8 * whole
@@ -176,6 +185,7 @@ def test_recomputed_linear_layers_add_weight_gradients_into_grad_without_a_weigh
     # batch 1 and a few tokens: the MLP's weights (64 x 1024 floats = 256 KiB each) outweigh its activations
     torch.manual_seed(0)
     stack = ReversibleStack([ReversibleBlock(MlpBranch(64, 16.0), MlpBranch(64, 16.0)) for _ in range(2)])
+    stack.set_chunking(None, fused=False)  # recomputed under autograd: through layers/linear.py
     model = Concatenated(stack)
     x = torch.randn(1, 4, 64)
     into_grad = measure_training_memory(model, x, loss_fn=lambda out, _: weighted_sum(out))
@@ -191,7 +201,8 @@ def test_rev_vit_small_peak_with_4_mib_pieces_is_under_the_2_5_mb_per_image_targ
     piece of F: its LayerNorm's output and one group of heads. Measured 8.69 (2.49 MB per image at
     batch 4; the target of 2.5 MB is 8.71 units; before `norm_streams` the head made it 9.04)."""
     torch.manual_seed(0)
-    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(4 * 2 ** 20)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0)
+    model.set_chunking(4 * 2 ** 20, fused=False)
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
     peak = measure_training_memory(model, x).peak_bytes
@@ -311,14 +322,14 @@ def test_the_automatic_split_halves_the_forward_too_but_never_splits_one_sample(
     assert chunks.pieces(g, large, budget, forward=True) == chunks.pieces(g, large, budget) == singles
 
 
-def test_the_automatic_split_holds_rev_vit_small_under_2_5_mb_per_image(monkeypatch):
-    """Rev-ViT-S at batch 4 in halves of the batch: the forward holds the kept input, the block's two input
-    streams, its new Y1 and a half batch's LayerNorm output, hidden layer and G output (8.0 units of one
-    (B, N, D) stream); the backward the four streams Y1, Y2, dY1, dY2, the kept input and a half batch's
-    LayerNorm output, H (or q, k, v) and one block's gradients (8.5). Measured 2.44 MB per image. With a
+def test_the_automatic_split_of_a_recomputation_holds_rev_vit_small_under_2_5_mb_per_image(monkeypatch):
+    """Rev-ViT-S at batch 4 recomputed (not fused) in halves of the batch: the forward holds the kept input,
+    the block's two input streams, its new Y1 and a half batch's LayerNorm output, hidden layer and G output
+    (8.0 units of one (B, N, D) stream); the backward the four streams Y1, Y2, dY1, dY2, the kept input and a
+    half batch's LayerNorm output, H (or q, k, v) and one block's gradients (8.5). Measured 2.44 MB per image. With a
     whole forward the peak would be the forward's (10 units)."""
     torch.manual_seed(0)
-    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(fused=False)
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
     split = measure_training_memory(model, x).peak_bytes
@@ -331,14 +342,14 @@ def test_the_automatic_split_holds_rev_vit_small_under_2_5_mb_per_image(monkeypa
 @pytest.mark.parametrize("name", [n for n in NAMES if hasattr(small(n), "set_chunking")])
 def test_every_reversible_model_is_exact_when_split_into_halves_of_its_batch(name, monkeypatch, count_pieces):
     monkeypatch.setattr(chunks, "AUTO_MIN_BYTES", 0)  # the automatic split, even for these small inputs
-    model = small(name, num_classes=5, drop_path_rate=0.3).double()
+    model = small(name, num_classes=5, drop_path_rate=0.3).set_chunking(fused=False).double()
     assert_reversible_matches_autograd(model, example_input(model).double(),
                                        loss=lambda out: out.logsumexp(-1).sum(), seed=4)
     assert halves(2) in count_pieces
 
 
-@pytest.mark.parametrize("chunk_bytes", [0, 4 * 2 ** 20, 5 * 2 ** 20])
-def test_drop_path_adds_almost_nothing_to_the_peak(chunk_bytes):
+@pytest.mark.parametrize("chunk_bytes, fused", [(None, True), (0, False), (4 * 2 ** 20, False), (5 * 2 ** 20, False)])
+def test_drop_path_adds_almost_nothing_to_the_peak(chunk_bytes, fused):
     """The masked output DropPath(fn(b)) is never made whole: the forward and the rebuild add and subtract
     it a few tokens at a time, and the backward starts from the mask's gradient. What remains is the
     masked gradient, alive until fn's last layer has used it (a piece's share of a stream, or one stream
@@ -348,18 +359,20 @@ def test_drop_path_adds_almost_nothing_to_the_peak(chunk_bytes):
     def peak(rate: float) -> int:
         torch.manual_seed(0)
         model = timm.create_model("rev_vit_small_patch16_224", depth=2, drop_path_rate=rate)
-        return measure_training_memory(model.set_chunking(chunk_bytes), x).peak_bytes
+        return measure_training_memory(model.set_chunking(chunk_bytes, fused), x).peak_bytes
 
     unit = x.shape[0] * 196 * 384 * 4
     assert peak(0.5) <= peak(0.0) + 0.2 * unit
 
 
-def test_rev_vit_small_in_single_images_holds_under_2_05_mb_per_image():
-    """4 MiB pieces of Rev-ViT-S at batch 4 are single images, forward (8 x 1.2 MB / 4 MiB -> 3, so 4 near-even
-    slices) and backward. The forward is the peak: the kept input, the block's two input streams, its new
-    Y1 and one image's LayerNorm output, hidden layer and G output. Measured 7.0 units (2.01 MB per image)."""
+def test_rev_vit_small_recomputed_in_single_images_holds_under_2_05_mb_per_image():
+    """4 MiB pieces of Rev-ViT-S at batch 4 recomputed (not fused) are single images, forward (8 x 1.2 MB /
+    4 MiB -> 3, so 4 near-even slices) and backward. The forward is the peak: the kept input, the block's two
+    input streams, its new Y1 and one image's LayerNorm output, hidden layer and G output. Measured 7.0 units
+    (2.01 MB per image)."""
     torch.manual_seed(0)
-    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0).set_chunking(4 * 2 ** 20)
+    model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0)
+    model.set_chunking(4 * 2 ** 20, fused=False)
     x = torch.randn(4, 3, 224, 224)
     unit = x.shape[0] * model.patch_embed.num_patches * model.embed_dim * 4
     assert measure_training_memory(model, x).peak_bytes <= 7.1 * unit
@@ -410,7 +423,7 @@ def test_a_function_with_constant_buffers_runs_whole_in_the_forward_and_in_piece
     torch.manual_seed(0)
     stack = ReversibleStack([ReversibleBlock(AttentionBranch(16, 4, qkv_bias=True), ScaledMlpBranch(16, 2.0), 0.3)
                              for _ in range(3)]).double()
-    stack.set_chunking(1)
+    stack.set_chunking(1, fused=False)
     assert_reversible_matches_autograd(stack, torch.randn(3, 5, 16, dtype=torch.float64),
                                        forward=lambda s, v: s(v, v), loss=two_stream_loss)
     g_calls = [(forward, n) for name, forward, n in calls if name == "ScaledMlpBranch"]

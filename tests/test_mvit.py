@@ -35,7 +35,8 @@ def test_reversible_gradients_equal_autograd_fp64_with_drop_path(name, shape, st
     out_rev, out_ag = assert_reversible_matches_autograd(model, x, seed=1, rtol=1e-10)
 
     assert not torch.allclose(out_ag, model.eval()(x)), "drop path should be active in training"
-    assert torch.equal(out_rev, out_ag)
+    # the same draws; G's fused forward adds the MLP in blocks of hidden columns: equal up to rounding
+    torch.testing.assert_close(out_rev, out_ag, rtol=1e-12, atol=0)
 
 
 def test_reversible_mode_recomputes_transitions_and_keeps_less_memory():

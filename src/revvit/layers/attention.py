@@ -1,12 +1,15 @@
 """Global multi-head self-attention through `scaled_dot_product_attention`, and Rev-ViT's F branch."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..reversible.hooks import has_hooks
 from ..reversible.pieces import split_inside
+from .coupling import PreNormCoupling, add_bias, add_bias_grad, add_grad, scale_rows
 from .linear import Linear, add_weight_grads, adds_into_grad, linear_parts
 
 
@@ -69,6 +72,87 @@ class Attention(nn.Module):
         layers = (self.q, self.k, self.v, self.proj)
         return ((self.attn_drop == 0.0 or not self.training) and isinstance(self.proj_drop, nn.Identity)
                 and all(type(m) in (Linear, nn.Linear) and not has_hooks(m) for m in layers))
+
+    # -- the reversible engine's coupling run by attention itself (see layers/coupling.py) ------------------
+
+    def head_groups(self) -> list[slice]:
+        """The columns of q, k, v (and of proj's input) of each group of heads the coupling goes through: a
+        sixth of the heads each (at least one), so that a group's q, k, v, output and their gradients
+        together are about one input's size."""
+        per = max(1, self.num_heads // 6)
+        return [slice(h * self.head_dim, min(h + per, self.num_heads) * self.head_dim)
+                for h in range(0, self.num_heads, per)]
+
+    def coupling_units(self, forward: bool) -> float:
+        """What `add_into` (forward) or `subtract_and_backprop` holds, in units of its input: the input's
+        LayerNorm output (and its gradient) and one group's q, k, v, output (and their gradients)."""
+        group = max(c.stop - c.start for c in self.head_groups()) / self.q.in_features
+        return 1 + 5 * group if forward else 2 + 9 * group
+
+    def _group_qkv(self, x: Tensor, cols: slice, batch: int) -> list[Tensor]:
+        """q, k, v of the heads in `cols`, (B, heads, N, head_dim), from x's rows (B * N, C)."""
+        heads = (cols.stop - cols.start) // self.head_dim
+        return [F.linear(x, layer.weight[cols], layer.bias[cols] if layer.bias is not None else None)
+                .view(batch, -1, heads, self.head_dim).transpose(1, 2) for layer in (self.q, self.k, self.v)]
+
+    def add_into(self, out: Tensor, x: Tensor, mask: Optional[Tensor]) -> None:
+        """out += mask * self(x) without a graph, a group j of heads at a time::
+
+            O_j  = attention(X Wq[j]^T + bq[j], X Wk[j]^T + bk[j], X Wv[j]^T + bv[j])
+            out += (mask * O_j) Wp[:, j]^T          its share of the output (then out += mask * bp)
+        """
+        batch, wp = x.shape[0], self.proj.weight
+        x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        for cols in self.head_groups():
+            o = F.scaled_dot_product_attention(*self._group_qkv(x2, cols, batch))
+            o = scale_rows(o.transpose(1, 2).reshape(-1, cols.stop - cols.start), mask, batch)
+            o2.addmm_(o, wp[:, cols].t())
+            del o
+        add_bias(out, self.proj.bias, mask)
+
+    def subtract_and_backprop(self, out: Optional[Tensor], x: Tensor, d: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Undo `add_into` (out -= mask * self(x); out None: nothing to undo) and back-propagate d out = d:
+        the parameters' gradients go into `.grad`; returns d x. Group by group in reverse, each group's
+        share of the output and its gradients made from one attention::
+
+            O_j = attention(Q_j, K_j, V_j), with its graph
+            out -= (mask * O_j) Wp[:, j]^T          the rebuild, the very product `add_into` added
+            dWp[:, j] += dY^T (mask * O_j)
+            dO_j = mask * (dY Wp[:, j])
+            dQ_j, dK_j, dV_j = attention's backward
+            dWq[j] += dQ_j^T X,  dbq[j] += sum dQ_j,  dX += dQ_j Wq[j]      (and k, v)
+        """
+        batch, wp = x.shape[0], self.proj.weight
+        x2, d2 = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1])
+        if out is not None:
+            add_bias(out, self.proj.bias, mask, sign=-1)
+        add_bias_grad(self.proj.bias, d, mask)
+        dx = None
+        for cols in reversed(self.head_groups()):
+            width = cols.stop - cols.start
+            leaves = [t.detach().requires_grad_(True) for t in self._group_qkv(x2, cols, batch)]
+            with torch.enable_grad():
+                o = F.scaled_dot_product_attention(*leaves)
+            o_j = o.detach().transpose(1, 2).reshape(-1, width)
+            if mask is not None:  # not in place: o_j may be o itself, which attention's backward reads
+                o_j = (o_j.view(batch, -1, width) * mask.reshape(batch, 1, 1)).view(-1, width)
+            if out is not None:
+                out.view(-1, out.shape[-1]).addmm_(o_j, wp[:, cols].t(), alpha=-1)
+            add_grad(wp, d2, o_j, cols=cols)
+            del o_j
+            d_o = scale_rows(d2 @ wp[:, cols], mask, batch).view(batch, -1, width // self.head_dim, self.head_dim)
+            d_qkv = torch.autograd.grad(o, leaves, d_o.transpose(1, 2))
+            del o, leaves, d_o
+            for layer, g in zip((self.q, self.k, self.v), d_qkv):
+                g = g.transpose(1, 2).reshape(-1, width)
+                add_grad(layer.weight, g, x2, rows=cols, bias=layer.bias)
+                dx = g @ layer.weight[cols] if dx is None else dx.addmm_(g, layer.weight[cols])
+            del d_qkv, g
+        return dx.view(x.shape)
+
+    def fusable(self) -> bool:
+        return (type(self).forward is Attention.forward and self._plain()
+                and (self.attn_drop == 0.0 or not self.training))
 
     def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
         """The contribution of the `part`-th of `parts` groups of heads: the sum over all parts is
@@ -163,9 +247,9 @@ def _alias(t: Tensor) -> Tensor:
 HEAD_GROUPS = 4  # how many groups of heads the fused backward goes through (at most one per head)
 
 
-class AttentionBranch(nn.Module):
+class AttentionBranch(PreNormCoupling, nn.Module):
     """F of Rev-ViT: LayerNorm -> multi-head self-attention, (B, N, D) -> (B, N, D). No residual: the
-    stream adds it."""
+    stream adds it. In the reversible engine its coupling is fused: a group of heads at a time (`PreNormCoupling`)."""
 
     per_sample = True  # no batch statistics: the reversible engine may recompute it over slices of the batch
 
@@ -179,8 +263,8 @@ class AttentionBranch(nn.Module):
         """F is a sum over its heads: the reversible engine may recompute it one group of heads at a time."""
         return self.attn.num_heads
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.attn(self.norm(x))
+    def body(self) -> Attention:
+        return self.attn
 
     def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
         return self.attn.forward_part(self.norm(x), part, parts)

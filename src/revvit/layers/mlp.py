@@ -1,12 +1,15 @@
 """Two-layer perceptron, and the G branch of the reversible blocks (LayerNorm -> MLP)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..reversible.hooks import has_hooks
 from ..reversible.pieces import even_slices, split_inside
+from .coupling import PreNormCoupling, add_bias, add_bias_grad, add_grad, scale_rows
 from .linear import Linear, add_weight_grads, adds_into_grad
 
 
@@ -31,6 +34,75 @@ class Mlp(nn.Module):
         if plain and adds_into_grad(x, params):  # recomputed by the reversible engine
             return _RecomputedMlp.apply(x, params, self.act.approximate)
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    # -- the reversible engine's coupling run by the MLP itself (see layers/coupling.py) --------------------
+
+    def column_blocks(self) -> list[slice]:
+        """The hidden layer's blocks of columns, each about half the output's width (Rev-ViT: 8 of 4 * D / 8),
+        so that one block's hidden activations and their gradient together are about one output's size."""
+        hidden, out = self.fc1.out_features, self.fc2.out_features
+        return even_slices(hidden, max(1, min(hidden, round(2 * hidden / out))))
+
+    def coupling_units(self, forward: bool) -> float:
+        """What `add_into` (forward) or `subtract_and_backprop` holds, in units of its input: the input's
+        LayerNorm output (and its gradient) and one block's hidden activations (and their gradient)."""
+        block = max(c.stop - c.start for c in self.column_blocks()) / self.fc1.in_features
+        return 1 + block if forward else 2 + 2 * block
+
+    def _hidden(self, x: Tensor, cols: slice) -> Tensor:
+        """H_j = X W1[j]^T + b1[j]: the hidden columns `cols`, for every row of x."""
+        bias = self.fc1.bias[cols] if self.fc1.bias is not None else None
+        return F.linear(x, self.fc1.weight[cols], bias)
+
+    def add_into(self, out: Tensor, x: Tensor, mask: Optional[Tensor]) -> None:
+        """out += mask * self(x) without a graph, a block j of hidden columns at a time::
+
+            A_j  = GELU(X W1[j]^T + b1[j])          one block of the hidden layer
+            out += (mask * A_j) W2[:, j]^T          its share of the output (then out += mask * b2)
+        """
+        x2, o2, w2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), self.fc2.weight
+        for cols in self.column_blocks():
+            a = scale_rows(torch.ops.aten.gelu_(self._hidden(x2, cols), approximate=self.act.approximate),
+                           mask, x.shape[0])
+            o2.addmm_(a, w2[:, cols].t())
+            del a
+        add_bias(out, self.fc2.bias, mask)
+
+    def subtract_and_backprop(self, out: Optional[Tensor], x: Tensor, d: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Undo `add_into` (out -= mask * self(x); out None: nothing to undo) and back-propagate d out = d:
+        the parameters' gradients go into `.grad`; returns d x. Block by block in reverse, each block's
+        share of the output and its gradients made from one activation::
+
+            H_j = X W1[j]^T + b1[j]
+            dA_j = mask * (dY W2[:, j])             (the gradient of A_j)
+            dH_j = GELU'(H_j) * dA_j                written over dA_j
+            A_j  = mask * GELU(H_j)                 written over H_j
+            out -= A_j W2[:, j]^T                   the rebuild, the very product `add_into` added
+            dW2[:, j] += dY^T A_j,  dW1[j] += dH_j^T X,  db1[j] += sum dH_j
+            dX  += dH_j W1[j]
+        """
+        x2, d2, batch = x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1]), x.shape[0]
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        if out is not None:
+            add_bias(out, self.fc2.bias, mask, sign=-1)
+        add_bias_grad(self.fc2.bias, d, mask)
+        dx = None
+        for cols in reversed(self.column_blocks()):
+            h = self._hidden(x2, cols)
+            da = scale_rows(d2 @ w2[:, cols], mask, batch)
+            torch.ops.aten.gelu_backward.grad_input(da, h, approximate=self.act.approximate, grad_input=da)
+            a = scale_rows(torch.ops.aten.gelu_(h, approximate=self.act.approximate), mask, batch)
+            if out is not None:
+                out.view(-1, out.shape[-1]).addmm_(a, w2[:, cols].t(), alpha=-1)
+            add_grad(w2, d2, a, cols=cols)
+            del h, a
+            add_grad(w1, da, x2, rows=cols, bias=b1)
+            dx = da @ w1[cols] if dx is None else dx.addmm_(da, w1[cols])
+            del da
+        return dx.view(x.shape)
+
+    def fusable(self) -> bool:
+        return type(self).forward is Mlp.forward and self._plain_gelu_mlp()
 
     def _plain_gelu_mlp(self) -> bool:
         """Linear -> GELU -> Linear and nothing else (no subclass with its own forward, no dropout, no hooks):
@@ -109,10 +181,11 @@ def _block_count(hidden: int, out: int) -> int:
     return max(1, min(hidden, round(hidden / max(1, out)))) if split_inside() else 1
 
 
-class MlpBranch(nn.Module):
+class MlpBranch(PreNormCoupling, nn.Module):
     """G: LayerNorm -> Linear(D, rD) -> GELU -> Linear(rD, D), (B, N, D) -> (B, N, D). No residual: the
     reversible stream (or the stage transition) adds it. Keys `norm`, `mlp.fc1`, `mlp.fc2` follow the
-    official `G` sub-block. Per token: the reversible engine may recompute it over slices of the tokens."""
+    official `G` sub-block. Per token: the reversible engine may recompute it over slices of the tokens.
+    In the reversible engine its coupling is fused: a block of hidden columns at a time (`PreNormCoupling`)."""
 
     token_wise = True
 
@@ -121,5 +194,5 @@ class MlpBranch(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.norm(x))
+    def body(self) -> Mlp:
+        return self.mlp

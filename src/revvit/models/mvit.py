@@ -256,15 +256,16 @@ class RevMViT(_MultiscaleBase):
                 stage.recompute = mode != "autograd"
         return self
 
-    def set_chunking(self, chunk_bytes: Optional[int] = None) -> "RevMViT":
-        """How finely "reversible" backprop recomputes F and G (see `ReversibleStack.set_chunking`):
-        None automatic, 0 off, or a budget in bytes for one piece's activations. Unless 0, the stage
+    def set_chunking(self, chunk_bytes: Optional[int] = None, fused: bool = True) -> "RevMViT":
+        """How "reversible" backprop computes F and G (see `ReversibleStack.set_chunking`): `chunk_bytes`
+        None automatic, 0 never split, or a budget in bytes for one piece; `fused` False: G (the MLP)
+        recomputed under autograd instead of back-propagated in its own pass. Unless 0, the stage
         transitions also recompute part by part (fusion, attention, MLP): Rev-MViT-B 43.9 -> 25.8 MB per
         image for ~10% more step time."""
         for stage in self.stages:
             if isinstance(stage, StageTransition):
                 stage.nested = chunk_bytes != 0
-        return set_chunking(self, chunk_bytes)
+        return set_chunking(self, chunk_bytes, fused)
 
     @property
     def backprop(self) -> str:

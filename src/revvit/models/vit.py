@@ -98,10 +98,11 @@ class RevViT(TokenClassifierMixin, nn.Module):
         self.stack.set_backprop(mode)
         return self
 
-    def set_chunking(self, chunk_bytes: Optional[int] = None) -> "RevViT":
-        """How finely "reversible" backprop recomputes F and G (see `ReversibleStack.set_chunking`):
-        None automatic, 0 off, or a budget in bytes for one piece's activations."""
-        return set_chunking(self, chunk_bytes)
+    def set_chunking(self, chunk_bytes: Optional[int] = None, fused: bool = True) -> "RevViT":
+        """How "reversible" backprop computes F and G (see `ReversibleStack.set_chunking`): `chunk_bytes`
+        None automatic, 0 never split, or a budget in bytes for one piece; `fused` False: F and G
+        recomputed under autograd instead of back-propagated in their own pass."""
+        return set_chunking(self, chunk_bytes, fused)
 
     @property
     def backprop(self) -> str:

@@ -57,8 +57,6 @@ CPU identical to "reversible"), "autograd" (ordinary backprop keeping every acti
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
-from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
@@ -68,20 +66,19 @@ from torch import Tensor, nn
 from . import buffers
 from . import pieces as chunks
 from .drop_path import add_dropped, drop, mask_of, through_drop_path
-from .hooks import called, has_hooks, recomputation, sharded
+from .hooks import called, has_hooks, sharded
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
     BufferState,
+    Record,
     RNGState,
     backprop,
     first_derivatives_only,
     gradient_nodes,
     gradient_root,
-    input_unchanged,
     is_stochastic,
     outer_accumulates,
-    parameters_swapped,
     stand_ins,
 )
 
@@ -154,36 +151,35 @@ class ReversibleStack(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.backprop = "reversible"
         self.chunk_bytes: Optional[int] = None
+        self.fused = True
 
     def set_backprop(self, mode: str) -> None:
         if mode not in BACKPROP_MODES:
             raise ValueError(f"backprop mode must be one of {BACKPROP_MODES}, got {mode!r}")
         self.backprop = mode
 
-    def set_chunking(self, chunk_bytes: Optional[int] = None) -> None:
-        """How "reversible" mode splits the computation of F and G (forward and recomputation) into pieces.
+    def set_chunking(self, chunk_bytes: Optional[int] = None, fused: bool = True) -> None:
+        """How "reversible" mode computes F and G in the forward and the backward: fused or recomputed, whole
+        or in pieces (`reversible.pieces`). The gradients are the same every way (up to rounding).
 
-        F and G are recomputed and back-propagated in pieces when they allow it (see `reversible.pieces`):
-        slices of the batch for a function that is per sample (`fn.per_sample`) or per token
-        (`fn.token_wise`, e.g. an MLP), slices of the tokens for a per-token one, one summand at a time
-        for a sum of parts (`fn.max_parts > 1` and `fn.forward_part(x, k, n)`, e.g. attention over groups
-        of heads). Each piece's activations are estimated as 8x its share of the input (the fused MLP and
-        attention, which then also work through their hidden layer or heads a block at a time, see
-        `pieces.split_inside`), and pieces are made so that this stays under `chunk_bytes`, by the batch
-        when it has enough samples (contiguous, nothing recomputed twice), else by the finer way (head
-        groups only where they hold less than single samples: each also holds 3x the whole input). None
-        (default): automatic, two near-even slices of the batch in the forward and the backward (each
-        within 1/8 of its share, so an odd batch may make more: 3 -> 1+1+1, 5 -> 2+1+2; one sample: three
-        token slices of G or two head groups of F, in the backward only): Rev-ViT-S 4.31 -> 2.44 MB per
-        image at batch 4; no splitting when a whole recomputation would need under 8 MiB (it would only
-        cost time). 0: never split, the fastest. A smaller budget holds less for more time (Rev-ViT-S at
-        batch 4: 4 MiB, single images, 2.01 MB per image). Functions that draw random numbers (dropout) are
-        never split. The gradients are the same either way (up to rounding).
+        `fused` (default True): an F or G that offers it (Rev-ViT's attention and MLP, Rev-MViT's MLP:
+        `layers.coupling`) adds itself to its stream in the forward and, in the backward, takes itself back
+        out while back-propagating, one block of hidden columns or group of heads at a time over the whole
+        batch (`_walk_back_fused`): Rev-ViT-S at batch 4 holds 2.39 MB per image (4.31 recomputed whole) at
+        the speed of the whole recomputation. False: F and G are always recomputed under autograd.
+        `chunk_bytes`: each piece holds at most about that many bytes (fused: by fn's own estimate; else 8x
+        its share of the input), in slices of the batch (or of the tokens, per token), recomputed ones also
+        in summands (`fn.forward_part`: groups of heads) where that holds less. None (default): fused ones
+        whole unless they hold over 3.5x the input (then halves of the batch), recomputed ones in halves of
+        the batch (one sample: 3 token slices of G, 2 head groups of F) unless under 8 MiB; 0: never
+        split; 1: as finely as F and G allow. F and G that draw random numbers are never split or fused.
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):
             raise ValueError(f"chunk_bytes must be None (automatic), 0 (off) or a number of bytes, got {chunk_bytes!r}")
-        self.chunk_bytes = chunk_bytes
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused must be True or False, got {fused!r}")
+        self.chunk_bytes, self.fused = chunk_bytes, fused
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -197,7 +193,7 @@ class ReversibleStack(nn.Module):
             for block in blocks:
                 x1, x2 = block(x1, x2)
             return x1, x2
-        return _run_reversible(blocks, x1, x2, self.backprop == "parallel", self.chunk_bytes)
+        return _run_reversible(blocks, x1, x2, self.backprop == "parallel", self.chunk_bytes, self.fused)
 
     def _stream_precision(self, x: Tensor) -> Tensor:
         """Under autocast, a low-precision input (a bf16 stage transition's output) is raised to the
@@ -220,11 +216,11 @@ def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
 
 @torch.compiler.disable
 def _run_reversible(blocks: Sequence[ReversibleBlock], x1: Tensor, x2: Tensor, parallel: bool,
-                    chunk_bytes: Optional[int]) -> tuple[Tensor, Tensor]:
+                    chunk_bytes: Optional[int], fused: bool) -> tuple[Tensor, Tensor]:
     """The reversible forward: every block through `_BlockFunction`, each coupling recorded on one tape.
     torch.compile does not trace into it: the stack is one graph break, whatever its depth (dynamo would
     otherwise break at every coupling and recompile per tape length); the layers around it compile."""
-    tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes)
+    tape = _Tape(x1, x2, parallel=parallel, chunk_bytes=chunk_bytes, fused=fused)
     for block in blocks:
         fsdp = sharded(block)
         if fsdp or has_hooks(block):  # called, so that its hooks run (FSDP2's gather parameters)
@@ -246,13 +242,14 @@ class _Tape:
     them and rebuilds them in place. `pending` ("parallel" only): recomputations started early.
     """
 
-    def __init__(self, x1: Tensor, x2: Tensor, parallel: bool = False, chunk_bytes: Optional[int] = None):
+    def __init__(self, x1: Tensor, x2: Tensor, parallel: bool = False, chunk_bytes: Optional[int] = None,
+                 fused: bool = True):
         self.inputs = [x1.detach(), x2.detach()]
-        self.records: list[_Record] = []
+        self.records: list[Record] = []
         self.streams: list[Tensor] = []
         self.top = -1
         self.parallel = parallel
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes, self.use_fused = chunk_bytes, fused
         self.owns_streams = False
         self.pending: dict[int, Pending] = {}
         self.on_side_stream = False  # the coupling being walked back was recomputed on a side stream
@@ -267,7 +264,7 @@ class _Tape:
         for fn, target in block.couplings():
             first = all(r.target != target for r in self.records)
             fn_params = [p for p in fn.parameters() if p.requires_grad]
-            self.records.append(_Record(block, fn, target, first, mask, None, AutocastState.capture(x1.device),
+            self.records.append(Record(block, fn, target, first, mask, None, AutocastState.capture(x1.device),
                                         BufferState(fn), sharded(block), fn_params, gradient_nodes(fn_params)))
             params += fn_params
         return _BlockFunction.apply(x1, x2, self, index, len(self.records) - index, *params)
@@ -277,7 +274,14 @@ class _Tape:
         `pieces`); its random state is taken just before fn runs, if fn is random at all."""
         r = self.records[index]
         r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
+        r.fused = self.fused(index, b)
         pieces = self.pieces(index, b, forward=True)
+        if r.fused:  # out += DropPath(fn(b)), by fn's own pass (see _walk_back_fused)
+            out = a.clone(memory_format=torch.contiguous_format)
+            for piece in pieces:
+                r.call(chunks.region(b, piece), replay=False, how=partial(
+                    r.fn.coupling_forward, chunks.region(out, piece), mask=mask_of(r.mask, piece)))
+            return out
         if pieces == [None]:
             return add_dropped(a, r.call(b, replay=False)[0], r.mask, out_of_place=True)
         out = a.clone()
@@ -324,14 +328,26 @@ class _Tape:
         for alias in self.plans.pop(index, (None, {}))[1].values():
             alias.grad = None  # the parameter keeps it
 
+    def fused(self, index: int, b: Tensor) -> bool:
+        """Whether coupling `index` is fused: its fn adds DropPath(fn(b)) to the stream (`fn.coupling_forward`)
+        and, in the backward, takes it back out while back-propagating, in one pass of its own
+        (`fn.coupling_backward`, see `_walk_back_fused`), rather than being recomputed under autograd. Where
+        fn offers it and can now (`fn.fuses_coupling(b)`: no hooks, no autocast, ...), fn has no random
+        draws or buffers, in "reversible" mode with `fused` on. Decided in the forward."""
+        r = self.records[index]
+        return (self.use_fused and not self.parallel and r.rng is None and not r.buffers.watched
+                and hasattr(r.fn, "coupling_backward") and r.fn.fuses_coupling(b))
+
     def pieces(self, index: int, b: Tensor, forward: bool = False) -> list:
         """How coupling `index` is computed (in the forward without a graph, or recomputed and
         back-propagated) from the stream `b` its fn reads: [None] (whole), slices of the batch or of the
         tokens (an index of b), or `Part`s (the k-th of n summands)."""
         r = self.records[index]
-        if self.parallel or r.rng is not None or self.chunk_bytes == 0 or not r.buffers.splittable(forward):
+        if self.chunk_bytes == 0 or not r.fused and (self.parallel or r.rng is not None
+                                                     or not r.buffers.splittable(forward)):
             return [None]
-        return chunks.pieces(r.fn, b, self.chunk_bytes, forward=forward)
+        split = chunks.fused_pieces if r.fused else chunks.pieces
+        return split(r.fn, b, self.chunk_bytes, forward=forward)
 
     def recompute_piece(self, index: int, piece, split: bool = False) -> tuple[Tensor, Tensor, list[Tensor]]:
         """(leaf, fn(leaf) or its piece, fn's parameters as the call saw them), with a graph from
@@ -382,48 +398,6 @@ class _Tape:
                                                   self.gradient_plan(index)[1])
 
 
-@dataclass
-class _Record:
-    """One coupling as the forward ran it: streams[target] += DropPath(fn(streams[1 - target]))."""
-
-    block: nn.Module
-    fn: object  # F or G (an nn.Module, or a callable with `parameters()` and `training`)
-    target: int
-    first_of_its_stream: bool  # its input stream is the stack's input, kept on the tape
-    mask: Optional[Tensor]
-    rng: Optional[RNGState]  # None: fn draws no random numbers
-    autocast: AutocastState
-    buffers: BufferState  # what fn's forward changed of its buffers, as it was before
-    sharded: bool  # FSDP2: gather the block's parameters before a recomputation
-    params: list[Tensor]  # fn's trainable parameters, as the forward saw them (inputs of the coupling)
-    gradient_nodes: list  # where autograd accumulates each of their .grad
-
-    def call(self, b: Tensor, part: Optional[tuple[int, int]] = None, replay: bool = True,
-             swap: Optional[dict[int, Tensor]] = None) -> tuple[Tensor, list[Tensor]]:
-        """(fn(b), fn's trainable parameters as seen by the call: DropPath is the caller's, see `drop_path`);
-        `part` = (k, n): only the k-th of n summands of fn. `replay`: a recomputation (`hooks.recomputing()`),
-        with the forward's random draws, autocast state and buffers (the forward runs with the live ones).
-        `swap`: stand-ins in place of parameters."""
-        if replay and self.sharded:
-            self.block.unshard()  # FSDP2's pre-backward has usually done it already (then a no-op)
-        if b.requires_grad and not torch.is_grad_enabled():
-            # no graph (the forward, an inversion): fn sees b detached. A slice of the Function's input taken
-            # there has requires_grad but no gradient function, which module hooks that watch inputs'
-            # gradients (FlopCounterMode's module tracker) cannot hook
-            b = b.detach()
-        elif b.requires_grad and b.is_leaf:
-            # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
-            # module tracker) may not be given a leaf while a backward runs
-            b = b.view_as(b)
-        random = self.rng.replay() if replay and self.rng is not None else nullcontext()
-        with random, (self.autocast.enter() if replay else nullcontext()), \
-                (self.buffers.replay() if replay else self.buffers.forward()), input_unchanged(b, self.fn), \
-                (recomputation() if replay else nullcontext()), parameters_swapped(self.fn.modules(), swap or {}):
-            params = [p for p in self.fn.parameters() if p.requires_grad]
-            y = self.fn(b) if part is None else self.fn.forward_part(b, *part)
-        return y, params
-
-
 # -- the backward, one block at a time --------------------------------------------------------------
 
 class _BlockFunction(torch.autograd.Function):
@@ -470,6 +444,8 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
     tape.streams_after(index)
     accumulate = tape.gradient_plan(index)[0]  # None: autograd.grad is running and wants them back
     b = tape.streams[1 - r.target]  # the stream fn read: Y1 in (5), X2 in (6)
+    if r.fused and accumulate is not None and r.fn.fuses_coupling(b):
+        return _walk_back_fused(tape, index, grads)
     d_params = None
     pieces = tape.pieces(index, b)  # the whole of fn, slices of the batch or tokens, or summands
     for piece in pieces:
@@ -499,3 +475,24 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
             if g is not None:
                 g.record_stream(main)
     return d_params
+
+
+def _walk_back_fused(tape: _Tape, index: int, grads: list[Tensor]) -> list[None]:
+    """`_walk_back` for a fused coupling, in one pass of fn's own per piece (the whole batch by
+    default; `fn.coupling_backward`, e.g. `layers.coupling`): it takes DropPath(fn(b)) back out of
+    stream[t], the rebuild (3) or (4), the very products the forward added block by block; adds fn's
+    parameter gradients into `.grad`; and returns (dfn/db)^T (mask * d stream[t]), which goes into
+    d stream[1-t] in place: (5) or (6). Nothing is recomputed with a graph, and only one of fn's blocks of
+    activations is alive at a time. The first coupling of a stream takes the kept input instead."""
+    r = tape.records[index]
+    b = tape.streams[1 - r.target]
+    for piece in tape.pieces(index, b):
+        out = None if r.first_of_its_stream else chunks.region(tape.streams[r.target], piece)
+        backward = partial(r.fn.coupling_backward, out, d=chunks.region(grads[r.target], piece),
+                           mask=mask_of(r.mask, piece))
+        d_b, _ = r.call(chunks.region(b, piece), swap=tape.gradient_plan(index)[1], how=backward)
+        buffers.add_into(grads, 1 - r.target, d_b, piece, b)
+        del d_b
+    tape.finish_rebuild(index)
+    tape.end_gradients(index)
+    return [None] * len(r.params)

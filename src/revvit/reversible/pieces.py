@@ -23,8 +23,8 @@ from typing import Iterator, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Part", "Piece", "pieces", "is_slice", "region", "even_slices", "sole_user", "add", "splitting",
-           "split_inside"]
+__all__ = ["Part", "Piece", "pieces", "fused_pieces", "is_slice", "region", "even_slices", "sole_user", "add",
+           "splitting", "split_inside"]
 
 
 class Part(NamedTuple):
@@ -106,6 +106,27 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
         return [(slice(None), tokens) for tokens in even_slices(b.shape[1], min(n, b.shape[1]))]
     n = min(n, max_parts)
     return [Part(k, n) for k in range(n)]
+
+
+FUSED_AUTO_UNITS = 3.5  # automatic: a fused coupling is computed over the whole batch when it holds at
+# most this many units of its input (Rev-ViT's MLP 3, attention with 6 or more heads 3.5: with the streams' 5
+# units, a peak of 8.5), else in slices of it (Rev-ViT-Ti's 3 heads, 5 units: halves)
+
+
+def fused_pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> list[Piece]:
+    """How a fused coupling (`fn.coupling_forward` / `coupling_backward`, which already go through fn's hidden
+    layer or heads a block at a time) is split: into slices of the batch each holding at most `chunk_bytes`
+    by fn's own estimate (`fn.coupling_units(forward)` units of its share of b). Automatic (None): whole if
+    it holds at most `FUSED_AUTO_UNITS` units or under AUTO_MIN_BYTES, else as few slices as hold that.
+    Never finer than a sample: fused attention cannot be, and a finer MLP would not lower the peak below it."""
+    units = fn.coupling_units(forward) * b.nbytes
+    if chunk_bytes is None and units <= max(FUSED_AUTO_UNITS * b.nbytes, AUTO_MIN_BYTES):
+        return [None]
+    n = math.ceil(units / (FUSED_AUTO_UNITS * b.nbytes if chunk_bytes is None else max(chunk_bytes, 1)))
+    per_sample = getattr(fn, "token_wise", False) or getattr(fn, "per_sample", False)
+    if n <= 1 or not per_sample or b.ndim < 1 or b.shape[0] < 2:
+        return [None]
+    return [(rows,) for rows in even_slices(b.shape[0], _enough(b.shape[0], n))]
 
 
 _SPLIT_INSIDE: ContextVar[bool] = ContextVar("revvit_split_inside", default=False)

@@ -23,9 +23,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
+from .hooks import recomputation
+
 __all__ = ["RNGState", "AutocastState", "is_stochastic", "BufferState", "input_unchanged", "first_derivatives_only",
            "gradient_nodes", "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop",
-           "gradient_buffer"]
+           "gradient_buffer", "Record"]
 
 
 @dataclass
@@ -228,3 +230,46 @@ def backprop(out: Optional[GradientEdge], leaf: Tensor, d_out: Tensor, params: S
     torch.autograd.backward(out, d_out, inputs=[leaf, *(p for p, a in zip(params, accumulate) if a)])
     d_leaf, leaf.grad = leaf.grad, None
     return d_leaf, [None] * len(params)
+
+
+@dataclass
+class Record:
+    """One coupling as the forward ran it: streams[target] += DropPath(fn(streams[1 - target]))."""
+
+    block: nn.Module
+    fn: object  # F or G (an nn.Module, or a callable with `parameters()` and `training`)
+    target: int
+    first_of_its_stream: bool  # its input stream is the stack's input, kept on the tape
+    mask: Optional[Tensor]
+    rng: Optional[RNGState]  # None: fn draws no random numbers
+    autocast: AutocastState
+    buffers: BufferState  # what fn's forward changed of its buffers, as it was before
+    sharded: bool  # FSDP2: gather the block's parameters before a recomputation
+    params: list[Tensor]  # fn's trainable parameters, as the forward saw them (inputs of the coupling)
+    gradient_nodes: list  # where autograd accumulates each of their .grad
+    fused: bool = False  # fn adds itself in the forward and takes itself back out (see _Tape.fused)
+
+    def call(self, b: Tensor, part: Optional[tuple[int, int]] = None, replay: bool = True,
+             swap: Optional[dict[int, Tensor]] = None, how=None) -> tuple[Tensor, list[Tensor]]:
+        """(fn(b), fn's trainable parameters as seen by the call: DropPath is the caller's, see `drop_path`);
+        `part` = (k, n): only the k-th of n summands of fn; `how(b)` instead of fn(b) (a coupling that runs
+        itself). `replay`: a recomputation (`hooks.recomputing()`), with the forward's random draws, autocast
+        state and buffers (the forward runs with the live ones). `swap`: stand-ins in place of parameters."""
+        if replay and self.sharded:
+            self.block.unshard()  # FSDP2's pre-backward has usually done it already (then a no-op)
+        if b.requires_grad and not torch.is_grad_enabled():
+            # no graph (the forward, an inversion): fn sees b detached. A slice of the Function's input taken
+            # there has requires_grad but no gradient function, which module hooks that watch inputs'
+            # gradients (FlopCounterMode's module tracker) cannot hook
+            b = b.detach()
+        elif b.requires_grad and b.is_leaf:
+            # fn sees a view, not the leaf: module hooks that watch inputs' gradients (FlopCounterMode's
+            # module tracker) may not be given a leaf while a backward runs
+            b = b.view_as(b)
+        random = self.rng.replay() if replay and self.rng is not None else nullcontext()
+        with random, (self.autocast.enter() if replay else nullcontext()), \
+                (self.buffers.replay() if replay else self.buffers.forward()), input_unchanged(b, self.fn), \
+                (recomputation() if replay else nullcontext()), parameters_swapped(self.fn.modules(), swap or {}):
+            params = [p for p in self.fn.parameters() if p.requires_grad]
+            y = how(b) if how else self.fn(b) if part is None else self.fn.forward_part(b, *part)
+        return y, params

@@ -11,11 +11,11 @@ from .engine import ReversibleBlock, ReversibleStack
 __all__ = ["set_chunking", "compile_blocks"]
 
 
-def set_chunking(module: nn.Module, chunk_bytes: Optional[int] = None) -> nn.Module:
+def set_chunking(module: nn.Module, chunk_bytes: Optional[int] = None, fused: bool = True) -> nn.Module:
     """`ReversibleStack.set_chunking` on every reversible stack inside `module`; returns `module`."""
     for m in module.modules():
         if isinstance(m, ReversibleStack):
-            m.set_chunking(chunk_bytes)
+            m.set_chunking(chunk_bytes, fused)
     return module
 
 
