@@ -36,6 +36,12 @@ so (dY1, dY2) become (dX1, dX2) in the same two buffers. What the blocks share l
 call's `_Tape`: the stack's input, one record per coupling, and the two streams as they stand after the
 couplings not yet walked back.
 
+A *fused* coupling does its own work (`fn.coupling_forward` / `coupling_backward`: Rev-ViT's attention
+and MLP, Rev-MViT's MLP, see `layers.coupling`): in the forward it adds fn(b) block by block (hidden
+columns, groups of heads), and in the backward, `_walk_back_fused`, it takes each block's share back out
+of stream[t] (the rebuild) while back-propagating that block, so no graph of fn is built and one block's
+activations are alive at a time: the same equations, computed in one pass.
+
 Guarantees (each checked by tests/test_reversible.py):
 
 * Exact gradients, equal to plain autograd on the same weights (fp64 to 1e-10).
@@ -66,7 +72,7 @@ from torch import Tensor, nn
 from . import buffers
 from . import pieces as chunks
 from .drop_path import add_dropped, drop, mask_of, through_drop_path
-from .hooks import called, has_hooks, sharded
+from .hooks import called, has_hooks, records_graph, sharded
 from .parallel import Pending, recompute_ahead
 from .replay import (
     AutocastState,
@@ -80,9 +86,10 @@ from .replay import (
     is_stochastic,
     outer_accumulates,
     stand_ins,
+    stream_precision,
 )
 
-__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES", "records_graph"]
+__all__ = ["ReversibleBlock", "ReversibleStack", "BACKPROP_MODES"]
 
 BACKPROP_MODES = ("reversible", "parallel", "autograd")
 
@@ -188,30 +195,12 @@ class ReversibleStack(nn.Module):
         """Run blocks[start:stop] (all by default) as one reversible segment: of its activations only the
         segment's input and output are kept. Consecutive segments chain exactly (for intermediate features)."""
         blocks = self.blocks[start:stop]
-        x1, x2 = self._stream_precision(x1), self._stream_precision(x2)
+        x1, x2 = stream_precision(self, x1), stream_precision(self, x2)
         if self.backprop == "autograd" or not records_graph(self, x1, x2):
             for block in blocks:
                 x1, x2 = block(x1, x2)
             return x1, x2
         return _run_reversible(blocks, x1, x2, self.backprop == "parallel", self.chunk_bytes, self.fused)
-
-    def _stream_precision(self, x: Tensor) -> Tensor:
-        """Under autocast, a low-precision input (a bf16 stage transition's output) is raised to the
-        parameters' dtype: the streams, their sums and their inversion (3)-(4) stay exact; F and G still
-        compute in low precision. Without autocast inputs pass unchanged."""
-        if not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
-            return x
-        param = next((p for p in self.parameters() if p.is_floating_point()), None)
-        if param is None or x.dtype == param.dtype or x.element_size() >= param.element_size():
-            return x
-        return x.to(param.dtype)
-
-
-def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
-    """Whether calling `module` on `inputs` now would build an autograd graph worth saving memory on (not
-    under torch.func's transforms, grad or vmap: they differentiate the plain forward themselves)."""
-    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and (
-        any(x.requires_grad for x in inputs) or any(p.requires_grad for p in module.parameters()))
 
 
 @torch.compiler.disable

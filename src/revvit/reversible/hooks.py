@@ -1,7 +1,8 @@
-"""Hooks and the engine. Whether a module's call would run hooks (its own, global ones, FSDP2's): a path that
-bypasses the call (the engine's couplings, a fused layer) must then call it (`has_hooks`, `sharded`,
-`called`, which refuses a hook that changes a block's streams). And whether F or G is being recomputed
-now (`recomputing`), for hooks inside them that should see each forward once."""
+"""Hooks and the engine. Whether a call records a graph at all (`records_graph`). Whether a module's call
+would run hooks (its own, global ones, FSDP2's): a path that bypasses the call (the engine's couplings, a
+fused layer) must then call it (`has_hooks`, `sharded`, `called`, which refuses a hook that changes a
+block's streams). And whether F or G is being recomputed now (`recomputing`), for hooks inside them that
+should see each forward once."""
 from __future__ import annotations
 
 import threading
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module
 
-__all__ = ["has_hooks", "sharded", "called", "recomputing", "recomputation"]
+__all__ = ["has_hooks", "sharded", "called", "recomputing", "recomputation", "records_graph"]
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -21,6 +22,13 @@ def has_hooks(module: nn.Module) -> bool:
                 or module._backward_pre_hooks or _module._global_forward_hooks
                 or _module._global_forward_pre_hooks or _module._global_backward_hooks
                 or _module._global_backward_pre_hooks)
+
+
+def records_graph(module: nn.Module, *inputs: Tensor) -> bool:
+    """Whether calling `module` on `inputs` now would build an autograd graph worth saving memory on (not
+    under torch.func's transforms, grad or vmap: they differentiate the plain forward themselves)."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() and (
+        any(x.requires_grad for x in inputs) or any(p.requires_grad for p in module.parameters()))
 
 
 def sharded(block: nn.Module) -> bool:

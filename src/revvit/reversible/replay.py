@@ -27,7 +27,7 @@ from .hooks import recomputation
 
 __all__ = ["RNGState", "AutocastState", "is_stochastic", "BufferState", "input_unchanged", "first_derivatives_only",
            "gradient_nodes", "outer_accumulates", "stand_ins", "parameters_swapped", "gradient_root", "backprop",
-           "gradient_buffer", "Record"]
+           "gradient_buffer", "stream_precision", "Record"]
 
 
 @dataclass
@@ -74,6 +74,18 @@ class AutocastState:
         if not self.enabled:
             return nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
+
+
+def stream_precision(module: nn.Module, x: Tensor) -> Tensor:
+    """Under autocast, a low-precision input (a bf16 stage transition's output) is raised to `module`'s
+    parameters' dtype: the streams, their sums and their inversion stay exact; F and G still compute in
+    low precision. Without autocast inputs pass unchanged."""
+    if not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+        return x
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if param is None or x.dtype == param.dtype or x.element_size() >= param.element_size():
+        return x
+    return x.to(param.dtype)
 
 
 def is_stochastic(fn) -> bool:
