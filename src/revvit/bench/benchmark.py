@@ -27,6 +27,7 @@ __all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates"
 class Candidate:
     label: str
     build: Callable[[], nn.Module]  # built lazily, one at a time, to keep peak RAM low
+    compiles: bool = True  # has a compiled twin under --compile (compiled F and G are recomputed, not fused)
 
 
 @dataclass
@@ -60,34 +61,43 @@ def _sync(device: torch.device) -> None:
 
 def compiled(candidates: list[Candidate], backend: str = "inductor") -> list[Candidate]:
     """Each candidate, then the same with its blocks compiled (`revvit.reversible.compile_blocks`: F and G of
-    the reversible blocks, the blocks of the others), labelled ", compiled"."""
+    the reversible blocks, the blocks of the others), labelled ", compiled"; not for a candidate whose point
+    is fused couplings split finer than recomputed ones can be (`compiles` False)."""
     twins = [Candidate(f"{c.label}, compiled", lambda build=c.build: compile_blocks(build(), backend=backend))
-             for c in candidates]
+             for c in candidates if c.compiles]
     return candidates + twins
 
 
 def compare(candidates: list[Candidate], x: torch.Tensor, setting: str, steps: int = 3) -> list[Result]:
     """Memory of each candidate, then `steps` timed steps of each, interleaved; median step time. The memory
-    step is also the warm-up (a compiled candidate compiles there)."""
+    step is also the warm-up (a compiled candidate compiles there). Only the model being timed holds
+    gradients (made before its step, as in training's steady state, and released after it): all the
+    models are kept for the interleaving, and at depth 96 their gradients would double what they hold."""
     models, mem = {}, {}
     for c in candidates:
         model = c.build().to(x.device)
         mem[c.label] = measure_training_memory(model, x).mb_per_sample
+        model.zero_grad(set_to_none=True)
         models[c.label] = model
     times: dict[str, list[float]] = {c.label: [] for c in candidates}
     for _ in range(steps):
         for c in candidates:
+            model = models[c.label]
+            for p in model.parameters():
+                p.grad = torch.zeros_like(p) if p.requires_grad else None
             _sync(x.device)
             start = time.perf_counter()
-            training_step(models[c.label], x)
+            training_step(model, x)
             _sync(x.device)
             times[c.label].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
     return [Result(c.label, setting, mem[c.label], statistics.median(times[c.label])) for c in candidates]
 
 
 def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
-    """Rev-ViT (reversible with automatic, 4 MiB, 5 MiB and no chunking of the recomputation), the same
-    model with autograd, timm's ViT, and timm's ViT with checkpointing."""
+    """Rev-ViT reversible: the default (fused couplings, whole batch) and in single images; recomputed under
+    autograd as the engine did before fused couplings (its automatic halves, 4 MiB pieces, whole); the same
+    model with autograd; timm's ViT, and timm's ViT with checkpointing."""
     rev_name, vit_name = f"rev_vit_{size}_patch16_224", f"vit_{size}_patch16_224"
     kwargs = dict(depth=depth, img_size=img_size, drop_path_rate=0.0)
 
@@ -101,9 +111,12 @@ def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
 
     return [
         Candidate(f"{rev_name} reversible", lambda: rev("reversible")),
-        Candidate(f"{rev_name} reversible, 4 MiB pieces", lambda: rev("reversible").set_chunking(4 * 2 ** 20)),
-        Candidate(f"{rev_name} reversible, 5 MiB pieces", lambda: rev("reversible").set_chunking(5 * 2 ** 20)),
-        Candidate(f"{rev_name} reversible, chunking off", lambda: rev("reversible").set_chunking(0)),
+        Candidate(f"{rev_name} reversible, single images", lambda: rev("reversible").set_chunking(1), compiles=False),
+        Candidate(f"{rev_name} reversible, recomputed in halves",
+                  lambda: rev("reversible").set_chunking(None, fused=False)),
+        Candidate(f"{rev_name} reversible, recomputed in 4 MiB pieces",
+                  lambda: rev("reversible").set_chunking(4 * 2 ** 20, fused=False)),
+        Candidate(f"{rev_name} reversible, recomputed whole", lambda: rev("reversible").set_chunking(0, fused=False)),
         Candidate(f"{rev_name} autograd", lambda: rev("autograd")),
         Candidate(f"timm {vit_name}", lambda: vit(False)),
         Candidate(f"timm {vit_name} + checkpointing", lambda: vit(True)),
@@ -117,8 +130,8 @@ def mvit_candidates(video: bool, img_size: int, num_frames: int) -> list[Candida
     rev, plain = f"rev_mvit_base{suffix}", f"mvit_base{suffix}"
     return [
         Candidate(f"{rev} reversible", lambda: timm.create_model(rev, **kwargs).set_backprop("reversible")),
-        Candidate(f"{rev} reversible, chunking off",
-                  lambda: timm.create_model(rev, **kwargs).set_backprop("reversible").set_chunking(0)),
+        Candidate(f"{rev} reversible, recomputed whole",
+                  lambda: timm.create_model(rev, **kwargs).set_backprop("reversible").set_chunking(0, fused=False)),
         Candidate(f"{rev} autograd", lambda: timm.create_model(rev, **kwargs).set_backprop("autograd")),
         Candidate(f"{plain}", lambda: timm.create_model(plain, **kwargs)),
     ]

@@ -291,8 +291,9 @@ class _Tape:
             raise RuntimeError("reversible backward: this stack's activations were already rebuilt and released by "
                                "an earlier backward through the same graph (each forward is walked back once, no "
                                "retain_graph); use set_backprop('autograd') to backpropagate twice.")
-        if not self.owns_streams:  # the stack's output: copied only if someone else still holds it
-            self.streams = [s if chunks.sole_user(s) else s.clone() for s in self.streams]
+        if not self.owns_streams:  # the stack's output: copied if someone else still holds it (or not in rows)
+            self.streams = [s if chunks.sole_user(s) and s.is_contiguous() else s.clone(
+                memory_format=torch.contiguous_format) for s in self.streams]
             self.owns_streams = True
         with torch.no_grad():
             while self.top > index:
@@ -433,8 +434,10 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
     tape.streams_after(index)
     accumulate = tape.gradient_plan(index)[0]  # None: autograd.grad is running and wants them back
     b = tape.streams[1 - r.target]  # the stream fn read: Y1 in (5), X2 in (6)
-    if r.fused and accumulate is not None and r.fn.fuses_coupling(b):
-        return _walk_back_fused(tape, index, grads)
+    if r.fused:
+        if accumulate is not None and r.fn.fuses_coupling(b):
+            return _walk_back_fused(tape, index, grads)
+        r.fused = False  # recomputed after all (autograd.grad, a hook added since the forward), in its own pieces
     d_params = None
     pieces = tape.pieces(index, b)  # the whole of fn, slices of the batch or tokens, or summands
     for piece in pieces:

@@ -109,8 +109,8 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
 
 
 FUSED_AUTO_UNITS = 3.5  # automatic: a fused coupling is computed over the whole batch when it holds at
-# most this many units of its input (Rev-ViT's MLP 3, attention with 6 or more heads 3.5: with the streams' 5
-# units, a peak of 8.5), else in slices of it (Rev-ViT-Ti's 3 heads, 5 units: halves)
+# most this many units of its input (Rev-ViT's MLP 3, attention with 6 or more heads 3.3: with the streams' 5
+# units, a peak of 8.35), else in slices of it (Rev-ViT-Ti's 3 heads, 4.7 units: halves)
 
 
 def fused_pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> list[Piece]:
