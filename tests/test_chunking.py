@@ -14,6 +14,7 @@ from revvit.layers.attention import AttentionBranch
 from revvit.layers.mlp import MlpBranch
 from revvit.reversible import ReversibleBlock, ReversibleStack
 from revvit.reversible import pieces as chunks
+from revvit.reversible.engine import _Tape
 from test_models import NAMES, example_input, small
 
 
@@ -86,12 +87,15 @@ def test_small_inputs_are_not_split_by_default(count_pieces):
     assert count_pieces and {len(p) for p in count_pieces} == {1}
 
 
-def test_chunking_off_never_splits(count_pieces):
+@pytest.mark.parametrize("fused", [True, False])
+def test_chunking_off_never_splits(fused, monkeypatch):
     stack = vit_stack(2)
-    stack.set_chunking(0)
+    stack.set_chunking(0, fused=fused)
+    seen, original = [], _Tape.pieces
+    monkeypatch.setattr(_Tape, "pieces", lambda tape, *a, **k: seen.append(original(tape, *a, **k)) or seen[-1])
     x = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
     sum(stack(x, x)).sum().backward()
-    assert all(len(p) == 1 for p in count_pieces)
+    assert len(seen) == 8 and all(p == [None] for p in seen)  # 4 couplings, forward and backward
 
 
 def test_a_random_function_is_never_split(monkeypatch):

@@ -30,6 +30,9 @@ def two_stream_loss(out):
     return weighted_sum(y1) + y2.square().sum()
 
 
+halves = [(slice(0, 2),), (slice(2, 4),)]
+
+
 @pytest.fixture
 def fused_calls(monkeypatch):
     """The branches whose fused backward ran, one entry per piece."""
@@ -46,7 +49,7 @@ def fused_calls(monkeypatch):
 
 # -- the same gradients as autograd ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("chunk_bytes", [None, 0, 1, 3000])  # whole, never split, finest, 2 slices of the batch
+@pytest.mark.parametrize("chunk_bytes", [None, 0, 1])  # whole, never split, single samples
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
 def test_fp64_fused_gradients_equal_autograd_with_drop_path(depth, chunk_bytes, fused_calls):
     stack = vit_stack(depth)
@@ -54,6 +57,20 @@ def test_fp64_fused_gradients_equal_autograd_with_drop_path(depth, chunk_bytes, 
     x = torch.randn(3, 7, 24, dtype=torch.float64)
     assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
     assert {"AttentionBranch", "MlpBranch"} <= set(fused_calls)
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_fp64_fused_in_halves_of_the_batch_equals_autograd(depth, monkeypatch, fused_calls):
+    stack = vit_stack(depth)
+    x = torch.randn(4, 7, 24, dtype=torch.float64)
+    most = max(fn.coupling_units(False) for fn in (stack.blocks[0].f, stack.blocks[0].g))
+    stack.set_chunking(int(most * x.nbytes / 2) + 1)  # each branch's backward: two slices hold it
+    split, original = [], chunks.fused_pieces
+    monkeypatch.setattr(chunks, "fused_pieces", lambda fn, b, c, forward=False: (
+        split.append(original(fn, b, c, forward)) or split[-1]) if not forward else original(fn, b, c, forward))
+    assert_reversible_matches_autograd(stack, x, forward=lambda s, v: s(v, v), loss=two_stream_loss)
+    assert len(split) == 2 * depth and all(pieces == halves for pieces in split)
+    assert len(fused_calls) == 4 * depth
 
 
 @pytest.mark.parametrize("depth", [2, 3])
@@ -133,7 +150,9 @@ def test_without_a_stream_to_rebuild_the_backward_only_back_propagates():
     with torch.no_grad(), parameters_swapped(fn.modules(), stand_ins(params, [True] * len(params))):
         d_b = fn.coupling_backward(None, b, d, None)
     b_ref = b.clone().requires_grad_(True)
-    torch.testing.assert_close(d_b, torch.autograd.grad(fn(b_ref), b_ref, d)[0])
+    want = torch.autograd.grad(fn(b_ref), [b_ref, *params], d)
+    for got, expected in zip([d_b, *(p.grad for p in params)], want):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
 # -- memory and speed ---------------------------------------------------------------------------------
@@ -163,9 +182,6 @@ def test_the_peak_is_flat_in_depth_and_single_images_hold_less():
 
     assert peak(6) == pytest.approx(peak(2), rel=0.01)
     assert peak(2, 1) < 0.9 * peak(2)
-
-
-halves = [(slice(0, 2),), (slice(2, 4),)]
 
 
 def test_automatic_pieces_whole_unless_a_branch_holds_more_than_three_and_a_half_inputs():
@@ -265,3 +281,54 @@ def test_a_strided_stack_input_and_recomputed_couplings_above_fused_ones_are_exa
 def test_a_bad_fused_setting_is_refused():
     with pytest.raises(ValueError, match="fused"):
         vit_stack(1).set_chunking(None, fused="no")
+
+
+def test_a_hook_registered_after_the_forward_is_called_in_the_backward(fused_calls):
+    """The coupling was fused in the forward; by the backward its G has a hook: recomputed instead."""
+    stack = vit_stack(2)
+    seen = []
+
+    def forward(s, v):
+        out = s(v, v)
+        if not seen:
+            s.blocks[1].g.mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        return out
+
+    assert_reversible_matches_autograd(stack, torch.randn(3, 7, 24, dtype=torch.float64), forward=forward,
+                                       loss=two_stream_loss)
+    assert fused_calls.count("MlpBranch") == 1  # block 0's G
+    assert len(seen) == 2  # the reversible backward's recomputation, then autograd's forward
+
+
+def test_backward_to_some_parameters_only_fills_those(fused_calls):
+    stack = vit_stack(2)
+    x = torch.randn(3, 7, 24, dtype=torch.float64)
+    wanted = [stack.blocks[0].g.mlp.fc1.weight, stack.blocks[1].f.attn.q.bias, stack.blocks[1].f.norm.weight]
+    torch.manual_seed(0)
+    two_stream_loss(stack(x, x)).backward(inputs=wanted)
+    assert fused_calls
+    got = [p.grad.clone() for p in wanted]
+    assert all(p.grad is None for p in stack.parameters() if all(p is not w for w in wanted))
+    stack.zero_grad(set_to_none=True)
+    stack.set_backprop("autograd")
+    torch.manual_seed(0)
+    two_stream_loss(stack(x, x)).backward()
+    for g, p in zip(got, wanted):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_streams_are_recomputed_not_fused(dtype, fused_calls):
+    stack = vit_stack(2, dtype=dtype)
+    x = torch.randn(3, 7, 24, dtype=dtype)
+    two_stream_loss(stack(x, x)).float().backward()
+    assert not fused_calls and all(p.grad is not None for p in stack.parameters())
+
+
+def test_a_compiled_branch_or_body_is_called_not_bypassed(fused_calls):
+    stack = vit_stack(2)
+    stack.blocks[0].g = torch.compile(stack.blocks[0].g, backend="eager")
+    stack.blocks[1].f.attn = torch.compile(stack.blocks[1].f.attn, backend="eager")
+    assert_reversible_matches_autograd(stack, torch.randn(3, 7, 24, dtype=torch.float64),
+                                       forward=lambda s, v: s(v, v), loss=two_stream_loss)
+    assert fused_calls.count("MlpBranch") == fused_calls.count("AttentionBranch") == 1

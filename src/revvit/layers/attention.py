@@ -116,7 +116,7 @@ class Attention(nn.Module):
         share of the output and its gradients made from one attention::
 
             O_j = attention(Q_j, K_j, V_j), with its graph
-            out -= (mask * O_j) Wp[:, j]^T          the rebuild, the very product `add_into` added
+            out -= (mask * O_j) Wp[:, j]^T          the rebuild: the product `add_into` added, made again
             dWp[:, j] += dY^T (mask * O_j)
             dO_j = mask * (dY Wp[:, j])
             dQ_j, dK_j, dV_j = attention's backward
@@ -141,18 +141,17 @@ class Attention(nn.Module):
             add_grad(wp, d2, o_j, cols=cols)
             del o_j
             d_o = scale_rows(d2 @ wp[:, cols], mask, batch).view(batch, -1, width // self.head_dim, self.head_dim)
-            d_qkv = torch.autograd.grad(o, leaves, d_o.transpose(1, 2))
+            d_qkv = list(torch.autograd.grad(o, leaves, d_o.transpose(1, 2)))
             del o, leaves, d_o
-            for layer, g in zip((self.q, self.k, self.v), d_qkv):
-                g = g.transpose(1, 2).reshape(-1, width)
+            for layer in (self.q, self.k, self.v):  # each gradient released once used
+                g = d_qkv.pop(0).transpose(1, 2).reshape(-1, width)
                 add_grad(layer.weight, g, x2, rows=cols, bias=layer.bias)
                 dx = g @ layer.weight[cols] if dx is None else dx.addmm_(g, layer.weight[cols])
-            del d_qkv, g
+                del g
         return dx.view(x.shape)
 
     def fusable(self) -> bool:
-        return (type(self).forward is Attention.forward and self._plain()
-                and (self.attn_drop == 0.0 or not self.training))
+        return type(self).forward is Attention.forward and self._plain()
 
     def forward_part(self, x: Tensor, part: int, parts: int) -> Tensor:
         """The contribution of the `part`-th of `parts` groups of heads: the sum over all parts is
@@ -209,7 +208,7 @@ class _RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):
         if not ctx.groups:
-            raise RuntimeError("the reversible engine's fused attention was back-propagated twice "
+            raise RuntimeError("the reversible engine's recomputed attention was back-propagated twice "
                                "(retain_graph); its heads' graphs are used up by the first backward")
         (x,), groups, qkv = ctx.saved_tensors, ctx.groups, ctx.qkv
         ctx.groups, ctx.qkv = [], None
@@ -244,7 +243,7 @@ def _alias(t: Tensor) -> Tensor:
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
-HEAD_GROUPS = 4  # how many groups of heads the fused backward goes through (at most one per head)
+HEAD_GROUPS = 4  # how many groups of heads `_RecomputedAttention`'s backward goes through (at most one per head)
 
 
 class AttentionBranch(PreNormCoupling, nn.Module):

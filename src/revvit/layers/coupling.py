@@ -31,10 +31,12 @@ __all__ = ["PreNormCoupling", "fusable", "norm_forward", "norm_backward", "scale
 
 def fusable(b: Tensor, modules: list[nn.Module], params: list[Optional[Tensor]]) -> bool:
     """Whether a branch made of exactly `modules` may compute its coupling with its own code now: no hooks
-    (the calls it bypasses would run them), no regional compilation (`compile_blocks` compiles the calls),
-    not under autocast (the branch would have to round as autocast does), parameters of b's precision."""
+    (the calls it bypasses would run them), nothing compiled (`module.compile()`, `compile_blocks`, or a
+    `torch.compile` wrapper: their compiled calls would be bypassed), not under autocast (the branch would
+    have to round as autocast does), parameters of b's precision."""
     return (not torch.is_autocast_enabled(b.device.type) and not torch.compiler.is_compiling()
-            and not any(has_hooks(m) or getattr(m, "_compiled_call_impl", None) is not None for m in modules)
+            and not any(has_hooks(m) or getattr(m, "_compiled_call_impl", None) is not None
+                        or "_orig_mod" in m._modules for m in modules)
             and all(p is None or p.dtype == b.dtype for p in params))
 
 

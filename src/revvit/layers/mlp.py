@@ -77,7 +77,7 @@ class Mlp(nn.Module):
             dA_j = mask * (dY W2[:, j])             (the gradient of A_j)
             dH_j = GELU'(H_j) * dA_j                written over dA_j
             A_j  = mask * GELU(H_j)                 written over H_j
-            out -= A_j W2[:, j]^T                   the rebuild, the very product `add_into` added
+            out -= A_j W2[:, j]^T                   the rebuild: the product `add_into` added, made again
             dW2[:, j] += dY^T A_j,  dW1[j] += dH_j^T X,  db1[j] += sum dH_j
             dX  += dH_j W1[j]
         """
@@ -106,7 +106,7 @@ class Mlp(nn.Module):
 
     def _plain_gelu_mlp(self) -> bool:
         """Linear -> GELU -> Linear and nothing else (no subclass with its own forward, no dropout, no hooks):
-        what the fused paths compute, bypassing the modules' calls."""
+        what the fused coupling and `_RecomputedMlp` compute, bypassing the modules' calls."""
         return (type(self.act) is nn.GELU and isinstance(self.drop, nn.Identity)
                 and type(self.fc1) in (Linear, nn.Linear) and type(self.fc2) in (Linear, nn.Linear)
                 and not any(has_hooks(m) for m in (self.act, self.fc1, self.fc2, self.drop)))
@@ -155,7 +155,7 @@ class _RecomputedMlp(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         (x,), h = ctx.saved_tensors, ctx.hidden
         if h is None:
-            raise RuntimeError("the reversible engine's fused MLP was back-propagated twice (retain_graph); "
+            raise RuntimeError("the reversible engine's recomputed MLP was back-propagated twice (retain_graph); "
                                "its hidden layer is used up by the first backward")
         ctx.hidden = None
         w1, b1, w2, b2 = ctx.params

@@ -146,9 +146,10 @@ class ReversibleStack(nn.Module):
     """A sequence of :class:`ReversibleBlock` run on two streams: `forward(x1, x2) -> (y1, y2)`.
 
     In "reversible" and "parallel" mode with autograd recording, the blocks' activations are not kept:
-    peak memory in the backward is the stack's input and output plus one F or G recomputation (two in
-    "parallel"), whatever the depth. In "reversible" mode that recomputation is further split into
-    pieces when F or G allows it (see `set_chunking`), so at most one piece's activations are alive.
+    peak memory in the backward is the stack's input and output plus what one F or G holds while it is
+    walked back (two in "parallel"), whatever the depth. In "reversible" mode an F or G that can is fused
+    (one block of its hidden columns or group of its heads alive at a time), and the others' recomputation
+    is split into pieces where they allow it (see `set_chunking`).
     In "autograd" mode the blocks run under ordinary autograd. Without grad recording every mode runs
     the same plain forward.
     """
@@ -177,9 +178,10 @@ class ReversibleStack(nn.Module):
         `chunk_bytes`: each piece holds at most about that many bytes (fused: by fn's own estimate; else 8x
         its share of the input), in slices of the batch (or of the tokens, per token), recomputed ones also
         in summands (`fn.forward_part`: groups of heads) where that holds less. None (default): fused ones
-        whole unless they hold over 3.5x the input (then halves of the batch), recomputed ones in halves of
-        the batch (one sample: 3 token slices of G, 2 head groups of F) unless under 8 MiB; 0: never
-        split; 1: as finely as F and G allow. F and G that draw random numbers are never split or fused.
+        whole unless they hold over 3.5x the input (then as few slices of the batch as hold that),
+        recomputed ones in halves of the batch (one sample: 3 token slices of G, 2 head groups of F)
+        unless under 8 MiB; 0: never split; 1: as finely as F and G allow. F and G that draw random
+        numbers are never split or fused.
         """
         if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
                                         or chunk_bytes < 0):
@@ -263,7 +265,7 @@ class _Tape:
         `pieces`); its random state is taken just before fn runs, if fn is random at all."""
         r = self.records[index]
         r.rng = RNGState.capture(b.device) if is_stochastic(r.fn) else None
-        r.fused = self.fused(index, b)
+        r.fused = self.fuses(index, b)
         pieces = self.pieces(index, b, forward=True)
         if r.fused:  # out += DropPath(fn(b)), by fn's own pass (see _walk_back_fused)
             out = a.clone(memory_format=torch.contiguous_format)
@@ -318,23 +320,26 @@ class _Tape:
         for alias in self.plans.pop(index, (None, {}))[1].values():
             alias.grad = None  # the parameter keeps it
 
-    def fused(self, index: int, b: Tensor) -> bool:
+    def fuses(self, index: int, b: Tensor) -> bool:
         """Whether coupling `index` is fused: its fn adds DropPath(fn(b)) to the stream (`fn.coupling_forward`)
         and, in the backward, takes it back out while back-propagating, in one pass of its own
         (`fn.coupling_backward`, see `_walk_back_fused`), rather than being recomputed under autograd. Where
-        fn offers it and can now (`fn.fuses_coupling(b)`: no hooks, no autocast, ...), fn has no random
-        draws or buffers, in "reversible" mode with `fused` on. Decided in the forward."""
+        fn's class offers it (not a wrapper such as `torch.compile`'s, whose compiled call it would bypass)
+        and fn can now (`fn.fuses_coupling(b)`: no hooks, no autocast, ...), fn has no random draws or
+        buffers, the streams are float32 or float64 (in lower precision each block's share would be rounded
+        into the stream and back out), in "reversible" mode with `fused` on. Decided in the forward."""
         r = self.records[index]
         return (self.use_fused and not self.parallel and r.rng is None and not r.buffers.watched
-                and hasattr(r.fn, "coupling_backward") and r.fn.fuses_coupling(b))
+                and b.dtype in (torch.float32, torch.float64)
+                and hasattr(type(r.fn), "coupling_backward") and r.fn.fuses_coupling(b))
 
     def pieces(self, index: int, b: Tensor, forward: bool = False) -> list:
         """How coupling `index` is computed (in the forward without a graph, or recomputed and
         back-propagated) from the stream `b` its fn reads: [None] (whole), slices of the batch or of the
         tokens (an index of b), or `Part`s (the k-th of n summands)."""
         r = self.records[index]
-        if self.chunk_bytes == 0 or not r.fused and (self.parallel or r.rng is not None
-                                                     or not r.buffers.splittable(forward)):
+        if self.chunk_bytes == 0 or (not r.fused and (self.parallel or r.rng is not None
+                                                      or not r.buffers.splittable(forward))):
             return [None]
         split = chunks.fused_pieces if r.fused else chunks.pieces
         return split(r.fn, b, self.chunk_bytes, forward=forward)
@@ -472,10 +477,11 @@ def _walk_back(tape: _Tape, index: int, grads: list[Tensor]) -> list[Optional[Te
 def _walk_back_fused(tape: _Tape, index: int, grads: list[Tensor]) -> list[None]:
     """`_walk_back` for a fused coupling, in one pass of fn's own per piece (the whole batch by
     default; `fn.coupling_backward`, e.g. `layers.coupling`): it takes DropPath(fn(b)) back out of
-    stream[t], the rebuild (3) or (4), the very products the forward added block by block; adds fn's
+    stream[t], the rebuild (3) or (4), block by block in the reverse of the forward's order; adds fn's
     parameter gradients into `.grad`; and returns (dfn/db)^T (mask * d stream[t]), which goes into
-    d stream[1-t] in place: (5) or (6). Nothing is recomputed with a graph, and only one of fn's blocks of
-    activations is alive at a time. The first coupling of a stream takes the kept input instead."""
+    d stream[1-t] in place: (5) or (6). No graph of fn as a whole is built (attention builds one for a
+    group of heads' scaled-dot-product at a time), so only one of fn's blocks of activations is alive at a
+    time. The first coupling of a stream takes the kept input instead."""
     r = tape.records[index]
     b = tape.streams[1 - r.target]
     for piece in tape.pieces(index, b):

@@ -48,11 +48,12 @@ def region(t: Tensor, piece: Piece) -> Tensor:
     return t[piece] if is_slice(piece) else t
 
 
-PIECE_UNITS = 8  # a piece's activations in the backward, in units of its share of the input: the fused
-# MLP and attention, split inside too (`split_inside`), hold 7-8 (LayerNorm output, hidden layer or q, k, v
-# and heads' outputs, one block's gradients, the input gradient; autograd's graph would hold 14-16.5)
-# Without a graph (the forward) a piece holds its LayerNorm output, its output and either the MLP's hidden
-# layer (activated in place) or attention's q, k, v and heads' output: 6-8 units, budgeted as 8.
+PIECE_UNITS = 8  # a piece's activations in the backward, in units of its share of the input: the
+# recomputed MLP and attention (`_RecomputedMlp`, `_RecomputedAttention`), split inside too (`split_inside`),
+# hold 7-8 (LayerNorm output, hidden layer or q, k, v and heads' outputs, one block's gradients, the input
+# gradient; autograd's graph would hold 14-16.5). Without a graph (the forward) a piece holds its LayerNorm
+# output, its output and either the MLP's hidden layer (activated in place) or attention's q, k, v and
+# heads' output: 6-8 units, budgeted as 8.
 FORWARD_UNITS = 8
 AUTO_MIN_BYTES = 8 * 1024 ** 2  # not split automatically when a whole recomputation needs less
 # automatic, by the first way fn allows: 2 slices of the batch (forward and backward), 3 slices of the
