@@ -113,13 +113,14 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, capsys):
         main(["bench", "--depths", "12,x"])
 
 
-def test_bench_compile_adds_a_compiled_twin_of_every_row(tmp_path, capsys):
+def test_bench_compile_adds_a_compiled_twin_of_every_recomputed_row(tmp_path, capsys):
     assert main(["bench", "--size", "tiny", "--depths", "1", "--img-size", "32", "--batch-size", "2", "--steps", "1",
                  "--device", "cpu", "--compile", "aot_eager", "--json", str(tmp_path / "b.json")]) == 0
     labels = [r["label"] for r in json.loads((tmp_path / "b.json").read_text())]
     candidates = vit_candidates("tiny", 1, 32)
     assert labels == [c.label for c in candidates] + [f"{c.label}, compiled" for c in candidates if c.compiles]
-    assert "rev_vit_tiny_patch16_224 reversible, compiled" in labels
+    assert "rev_vit_tiny_patch16_224 reversible, recomputed in halves, compiled" in labels
+    assert "rev_vit_tiny_patch16_224 reversible, compiled" not in labels  # compiled F and G are not fused
 
 
 # The child process: revvit train with every fsync slowed by 50 ms, so that a checkpoint write lasts long enough

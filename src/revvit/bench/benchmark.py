@@ -27,7 +27,7 @@ __all__ = ["Candidate", "Result", "compare", "vit_candidates", "mvit_candidates"
 class Candidate:
     label: str
     build: Callable[[], nn.Module]  # built lazily, one at a time, to keep peak RAM low
-    compiles: bool = True  # has a compiled twin under --compile (compiled F and G are recomputed, not fused)
+    compiles: bool = True  # has a compiled twin under --compile (not the fused rows: compiled F and G are recomputed)
 
 
 @dataclass
@@ -62,7 +62,8 @@ def _sync(device: torch.device) -> None:
 def compiled(candidates: list[Candidate], backend: str = "inductor") -> list[Candidate]:
     """Each candidate, then the same with its blocks compiled (`revvit.reversible.compile_blocks`: F and G of
     the reversible blocks, the blocks of the others), labelled ", compiled"; not for a candidate whose point
-    is fused couplings split finer than recomputed ones can be (`compiles` False)."""
+    is its fused couplings (`compiles` False): compiled F and G are recomputed, not fused, so its twin would
+    be another row's ("recomputed in halves")."""
     twins = [Candidate(f"{c.label}, compiled", lambda build=c.build: compile_blocks(build(), backend=backend))
              for c in candidates if c.compiles]
     return candidates + twins
@@ -110,7 +111,7 @@ def vit_candidates(size: str, depth: int, img_size: int) -> list[Candidate]:
         return model
 
     return [
-        Candidate(f"{rev_name} reversible", lambda: rev("reversible")),
+        Candidate(f"{rev_name} reversible", lambda: rev("reversible"), compiles=False),
         Candidate(f"{rev_name} reversible, single images", lambda: rev("reversible").set_chunking(1), compiles=False),
         Candidate(f"{rev_name} reversible, recomputed in halves",
                   lambda: rev("reversible").set_chunking(None, fused=False)),
@@ -129,7 +130,8 @@ def mvit_candidates(video: bool, img_size: int, num_frames: int) -> list[Candida
     kwargs = dict(img_size=img_size, drop_path_rate=0.0, **(dict(num_frames=num_frames) if video else {}))
     rev, plain = f"rev_mvit_base{suffix}", f"mvit_base{suffix}"
     return [
-        Candidate(f"{rev} reversible", lambda: timm.create_model(rev, **kwargs).set_backprop("reversible")),
+        Candidate(f"{rev} reversible", lambda: timm.create_model(rev, **kwargs).set_backprop("reversible"),
+                  compiles=False),
         Candidate(f"{rev} reversible, recomputed whole",
                   lambda: timm.create_model(rev, **kwargs).set_backprop("reversible").set_chunking(0, fused=False)),
         Candidate(f"{rev} autograd", lambda: timm.create_model(rev, **kwargs).set_backprop("autograd")),

@@ -75,19 +75,19 @@ class Attention(nn.Module):
 
     # -- the reversible engine's coupling run by attention itself (see layers/coupling.py) ------------------
 
-    def head_groups(self) -> list[slice]:
-        """The columns of q, k, v (and of proj's input) of each group of heads the coupling goes through: a
-        sixth of the heads each (at least one), so that a group's q, k, v, output and their gradients
-        together are about one input's size."""
-        per = max(1, self.num_heads // 6)
+    def head_groups(self, forward: bool = False) -> list[slice]:
+        """The columns of q, k, v (and of proj's input) of each group of heads the coupling goes through.
+        Backward: a sixth of the heads each (at least one), so that a group's q, k, v, output and their
+        gradients together are about one input's size. Forward (no gradients): half of the heads."""
+        per = max(1, self.num_heads // (2 if forward else 6))
         return [slice(h * self.head_dim, min(h + per, self.num_heads) * self.head_dim)
                 for h in range(0, self.num_heads, per)]
 
     def coupling_units(self, forward: bool) -> float:
         """What `add_into` (forward) or `subtract_and_backprop` holds, in units of its input: the input's
         LayerNorm output (and its gradient) and one group's q, k, v, output (and their gradients)."""
-        group = max(c.stop - c.start for c in self.head_groups()) / self.q.in_features
-        return 1 + 5 * group if forward else 2 + 8 * group  # Rev-ViT-S: 3.33, measured 3.35
+        group = max(c.stop - c.start for c in self.head_groups(forward)) / self.q.in_features
+        return 1 + 5 * group if forward else 2 + 8 * group  # Rev-ViT-S backward: 3.33, measured 3.35
 
     def _group_qkv(self, x: Tensor, cols: slice, batch: int) -> list[Tensor]:
         """q, k, v of the heads in `cols`, (B, heads, N, head_dim), from x's rows (B * N, C)."""
@@ -103,7 +103,7 @@ class Attention(nn.Module):
         """
         batch, wp = x.shape[0], self.proj.weight
         x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        for cols in self.head_groups():
+        for cols in self.head_groups(forward=True):
             o = F.scaled_dot_product_attention(*self._group_qkv(x2, cols, batch))
             o = scale_rows(o.transpose(1, 2).reshape(-1, cols.stop - cols.start), mask, batch)
             o2.addmm_(o, wp[:, cols].t())
