@@ -160,7 +160,8 @@ def test_without_a_stream_to_rebuild_the_backward_only_back_propagates():
 def test_rev_vit_small_holds_under_2_5_mb_per_image_and_less_than_recomputed():
     """Rev-ViT-S at batch 4, whole batch: the kept input, Y1, Y2, dY1, dY2 (5 units of one (B, N, D) stream)
     and F's fused backward (LayerNorm's output and its gradient, one head's q, k, v, output and their
-    gradients: 3.35 units). Measured 8.35 units, 2.39 MB per image; recomputed in halves 8.68."""
+    gradients: 3.33 units). Measured 8.35 units of (B, 196, D) (8.31 of the 197-token stream), 2.40 MB per
+    image; recomputed in halves 8.68."""
     torch.manual_seed(0)
     model = timm.create_model("rev_vit_small_patch16_224", depth=3, drop_path_rate=0.0)
     x = torch.randn(4, 3, 224, 224)
@@ -186,10 +187,44 @@ def test_the_peak_is_flat_in_depth_and_single_images_hold_less():
 
 def test_automatic_pieces_whole_unless_a_branch_holds_more_than_three_and_a_half_inputs():
     large = torch.empty(4, 1200, 192)  # over the 8 MiB under which nothing is split
-    assert chunks.fused_pieces(MlpBranch(192, 4.0), large, None) == [None]  # 2 + 2 * (1/2) = 3 units
+    assert chunks.fused_pieces(MlpBranch(192, 4.0), large, None) == [None]  # 2 + 2 * (2/3) = 3.33 units
     assert chunks.fused_pieces(AttentionBranch(192, 6, True), large, None) == [None]  # 2 + 8/6 = 3.3
     assert chunks.fused_pieces(AttentionBranch(192, 3, True), large, None) == halves  # 2 + 8/3 = 4.7
     assert chunks.fused_pieces(AttentionBranch(192, 3, True), large[:, :10], None) == [None]  # small: whole
+
+
+def test_the_forward_goes_through_larger_blocks_than_the_backward():
+    """No gradients are alive in the forward: half the heads and two output-widths of hidden columns at a time
+    (3.5 and 3 units of the input); the backward a sixth of the heads and 2/3 of an output-width (3.33)."""
+    mlp, attn = MlpBranch(192, 4.0), AttentionBranch(192, 6, True)
+    assert len(mlp.mlp.column_blocks(forward=True)) == 2 and len(mlp.mlp.column_blocks()) == 6
+    assert len(attn.attn.head_groups(forward=True)) == 2 and len(attn.attn.head_groups()) == 6
+    assert mlp.coupling_units(True) == pytest.approx(3) and mlp.coupling_units(False) == pytest.approx(10 / 3)
+    assert attn.coupling_units(True) == pytest.approx(3.5) and attn.coupling_units(False) == pytest.approx(10 / 3)
+    large = torch.empty(4, 1200, 192)
+    for fn in (mlp, attn, AttentionBranch(192, 3, True)):
+        assert chunks.fused_pieces(fn, large, None, forward=True) == [None]
+
+
+def test_the_forward_and_backward_use_their_own_blocks(monkeypatch):
+    """Width of each block of hidden columns (MLP 24 -> 48 -> 24) and of each group of heads (6 heads of 4)
+    the pass makes, in the forward and in the backward."""
+    from revvit.layers.attention import Attention
+    from revvit.layers.mlp import Mlp
+    widths = {"forward": [], "backward": []}
+    phase = ["forward"]
+    hidden, qkv = Mlp._hidden, Attention._group_qkv
+    monkeypatch.setattr(Mlp, "_hidden", lambda self, x, cols: (
+        widths[phase[0]].append(("mlp", cols.stop - cols.start)) or hidden(self, x, cols)))
+    monkeypatch.setattr(Attention, "_group_qkv", lambda self, x, cols, batch: (
+        widths[phase[0]].append(("attention", cols.stop - cols.start)) or qkv(self, x, cols, batch)))
+    stack = vit_stack(1)
+    x = torch.randn(3, 7, 24, dtype=torch.float64, requires_grad=True)
+    y1, y2 = stack(x, x)
+    phase[0] = "backward"
+    (y1.sum() + y2.sum()).backward()
+    assert sorted(set(widths["forward"])) == [("attention", 12), ("mlp", 48)]
+    assert sorted(set(widths["backward"])) == [("attention", 4), ("mlp", 16)]
 
 
 def test_a_budget_splits_the_batch_down_to_single_samples_and_no_further():

@@ -292,8 +292,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "and images/s at it (--family vit or mvit; --depths, default 12,24,48,96)")
     b.add_argument("--plot", default=None, help="with --budget: write the depth sweep as a PNG plot")
     b.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="also time every model with its blocks torch.compiled (regional: F and G of reversible "
-                        "blocks); BACKEND default inductor")
+                   help="also time the recomputed and non-reversible models with their blocks torch.compiled "
+                        "(regional: F and G of reversible blocks; compiled F and G are not fused, so the "
+                        "fused rows get no compiled twin); BACKEND default inductor")
     b.set_defaults(func=_bench)
 
 

@@ -157,8 +157,8 @@ def run_benchmark(family: str = "vit", size: str = "small", depths: Sequence[int
     """Compare the candidates of `family` ("vit": Rev-ViT vs timm's ViT (+checkpointing) at each of `depths`;
     "mvit" / "mvit-video": Rev-MViT-B vs MViT-B, image / 16x4 video) on one random batch; `log` hears the
     progress and what was measured. Defaults: batch 4 / 2 / 1, img_size 224 (112 for video), device cuda
-    when available. `compile`: a torch.compile backend ("inductor"): every candidate also runs with its
-    blocks compiled."""
+    when available. `compile`: a torch.compile backend ("inductor"): every candidate but the fused ones
+    also runs with its blocks compiled (see `compiled`)."""
     if family not in ("vit", "mvit", "mvit-video"):
         raise ValueError(f"family must be vit, mvit or mvit-video, got {family!r}")
     given = dict(batch_size=batch_size, img_size=img_size, num_frames=num_frames, steps=steps)

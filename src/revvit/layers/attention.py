@@ -78,7 +78,8 @@ class Attention(nn.Module):
     def head_groups(self, forward: bool = False) -> list[slice]:
         """The columns of q, k, v (and of proj's input) of each group of heads the coupling goes through.
         Backward: a sixth of the heads each (at least one), so that a group's q, k, v, output and their
-        gradients together are about one input's size. Forward (no gradients): half of the heads."""
+        gradients together are about one input's size. Forward (no gradients): half of the heads (rounded
+        down; one at a time for 3)."""
         per = max(1, self.num_heads // (2 if forward else 6))
         return [slice(h * self.head_dim, min(h + per, self.num_heads) * self.head_dim)
                 for h in range(0, self.num_heads, per)]

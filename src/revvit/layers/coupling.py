@@ -7,12 +7,13 @@ structure (LayerNorm, then a sum over blocks: the MLP's hidden columns, attentio
 in a single pass over those blocks instead (`reversible.engine`, "fused couplings")::
 
     forward    out += m * (P_1 + ... + P_k + bias)             P_j = block j's share of fn's output
-    backward   out -= m * bias, then m * P_k, ..., m * P_1      the same products, undone in reverse
-               block j's gradients made and added into `.grad` before block j-1 is made
+    backward   out -= m * bias, then m * Q_l, ..., m * Q_1      Q_i = block i's share, made again
+               block i's gradients made and added into `.grad` before block i-1 is made
 
-with m the per-sample drop-path mask. Only LayerNorm's output, its gradient and one block's activations
-are alive, every product has all the rows of the batch (as fast as the unsplit model), and nothing is
-computed twice (the output and the gradients come from the same block). Parameter gradients go into the
+with m the per-sample drop-path mask. The backward's blocks may be finer than the forward's (the forward
+keeps no gradients and can afford larger ones): the same sum, rounded in other places. Only LayerNorm's
+output, its gradient and one block's activations are alive, every product has all the rows of the batch,
+and each block's share of the output and its gradients come from the same activations. Parameter gradients go into the
 engine's stand-ins' `.grad` (`gradient_buffer`); a parameter without one needs no gradient here.
 """
 from __future__ import annotations

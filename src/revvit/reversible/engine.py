@@ -173,8 +173,9 @@ class ReversibleStack(nn.Module):
         `fused` (default True): an F or G that offers it (Rev-ViT's attention and MLP, Rev-MViT's MLP:
         `layers.coupling`) adds itself to its stream in the forward and, in the backward, takes itself back
         out while back-propagating, one block of hidden columns or group of heads at a time over the whole
-        batch (`_walk_back_fused`): Rev-ViT-S at batch 4 holds 2.39 MB per image (4.31 recomputed whole) at
-        the speed of the whole recomputation. False: F and G are always recomputed under autograd.
+        batch (`_walk_back_fused`): Rev-ViT-S at batch 4 holds 2.40 MB per image (4.31 recomputed whole),
+        for about 1.1x the whole recomputation's step on 2 CPU threads (head-sized products run slower).
+        False: F and G are always recomputed under autograd.
         `chunk_bytes`: each piece holds at most about that many bytes (fused: by fn's own estimate; else 8x
         its share of the input), in slices of the batch (or of the tokens, per token), recomputed ones also
         in summands (`fn.forward_part`: groups of heads) where that holds less. None (default): fused ones

@@ -110,8 +110,9 @@ def pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> 
 
 
 FUSED_AUTO_UNITS = 3.5  # automatic: a fused coupling is computed over the whole batch when it holds at
-# most this many units of its input (Rev-ViT's MLP 3, attention with 6 or more heads 3.3: with the streams' 5
-# units, a peak of 8.35), else in slices of it (Rev-ViT-Ti's 3 heads, 4.7 units: halves)
+# most this many units of its input (backward: Rev-ViT's MLP and attention with 6 or more heads 3.33, with
+# the streams' 5 units a peak of 8.3; forward: at most 1 + 5/2 = 3.5 exactly, half the heads), else in
+# slices of it (Rev-ViT-Ti's 3 heads, 4.7 units in the backward: halves)
 
 
 def fused_pieces(fn, b: Tensor, chunk_bytes: Optional[int], forward: bool = False) -> list[Piece]:
