@@ -13,8 +13,9 @@ in a single pass over those blocks instead (`reversible.engine`, "fused coupling
 with m the per-sample drop-path mask. The backward's blocks may be finer than the forward's (the forward
 keeps no gradients and can afford larger ones): the same sum, rounded in other places. Only LayerNorm's
 output, its gradient and one block's activations are alive, every product has all the rows of the batch,
-and each block's share of the output and its gradients come from the same activations. Parameter gradients go into the
-engine's stand-ins' `.grad` (`gradient_buffer`); a parameter without one needs no gradient here.
+and each block's share of the output and its gradients come from the same activations. Parameter
+gradients go into the engine's stand-ins' `.grad` (`gradient_buffer`); a parameter without one needs no
+gradient here.
 """
 from __future__ import annotations
 

@@ -481,9 +481,9 @@ def _walk_back_fused(tape: _Tape, index: int, grads: list[Tensor]) -> list[None]
     stream[t], the rebuild (3) or (4), block by block (the backward's blocks may be finer than the
     forward's: the same sum, rounded in other places; Rev-ViT-S fp32 at depth 12: gradients 2e-7 from
     autograd's); adds fn's parameter gradients into `.grad`; and returns (dfn/db)^T (mask * d stream[t]),
-    which goes into d stream[1-t] in place: (5) or (6). No graph of fn as a whole is built (attention builds one for a
-    group of heads' scaled-dot-product at a time), so only one of fn's blocks of activations is alive at a
-    time. The first coupling of a stream takes the kept input instead."""
+    which goes into d stream[1-t] in place: (5) or (6). No graph of fn as a whole is built (attention
+    builds one for a group of heads' scaled-dot-product at a time), so only one of fn's blocks of
+    activations is alive at a time. The first coupling of a stream takes the kept input instead."""
     r = tape.records[index]
     b = tape.streams[1 - r.target]
     for piece in tape.pieces(index, b):
